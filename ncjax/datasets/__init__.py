@@ -24,6 +24,7 @@ import numpy as np
 from ncjax.errors import DataError
 
 SPLITS = ("train", "validation", "test")
+_NON_ATTRIBUTE_FIELDS = {"image", "label", "id", "path"}
 
 # name -> (make_builder(data_dir, **kwargs) -> tfds builder, attribute names,
 #          how to prepare it: a sentence for the error when it is missing)
@@ -84,7 +85,11 @@ def builder(name: str, data_dir: str, **kwargs: Any):
 def load_split(
     name: str, split: str, *, data_dir: str, **builder_kwargs: Any
 ) -> Split:
-  """Reads a whole split into host memory (prepares procedural datasets)."""
+  """Reads a whole split into host memory, sorted by example id.
+
+  Procedurally generated datasets are prepared on first use; a real dataset
+  that is not prepared raises `DataError` saying how to prepare it.
+  """
   entry = _entry(name)
   b = entry.make_builder(data_dir=data_dir, **builder_kwargs)
   if not b.is_prepared():
@@ -99,7 +104,11 @@ def load_split(
   records = source.__getitems__(list(range(len(source))))
   if not records:
     raise DataError(f"split {split!r} of dataset {name!r} is empty")
-  attrs = {a: np.asarray([r[a] for r in records], np.int32) for a in entry.attributes}
+  # TFDS stores examples in a hash order; sort by id for a canonical order
+  # that every later step (bias draws, batching) can rely on.
+  records.sort(key=lambda r: (_text(r["id"]), _text(r.get("path", ""))))
+  attr_names = sorted(set(records[0]) - _NON_ATTRIBUTE_FIELDS)
+  attrs = {a: np.asarray([r[a] for r in records], np.int32) for a in attr_names}
   return Split(
       images=np.stack([r["image"] for r in records]),
       labels=np.asarray([r["label"] for r in records], np.int32),

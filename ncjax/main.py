@@ -1,0 +1,62 @@
+"""Entry point: `python -m ncjax.main --config=configs/x.py:arg --workdir=DIR`.
+
+With no --config it runs the built-in synthetic default. Fields are
+overridden as `--config.a.b=value`; the resolved config and the overrides are
+written to the workdir. Errors in what was asked for (config, data, workdir)
+print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic.py"
+)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Config file, optionally `path.py:arg`.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs, checkpoints, report.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Imported after flag parsing so that --help is fast.
+  from ncjax import train, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from ncjax.errors import NcjaxError  # pylint: disable=import-outside-toplevel
+
+  # Orbax and TFDS log every file they write at INFO.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  t0 = time.perf_counter()
+  config = _CONFIG.value
+  workdir = os.path.abspath(_WORKDIR.value)
+  try:
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    summary = train.train_and_evaluate(config, workdir)
+    workdir_lib.write_config(workdir, config, overrides)
+  except NcjaxError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  minutes, seconds = divmod(time.perf_counter() - t0, 60)
+  print(f"results in {workdir} (metrics.jsonl, checkpoints/, tensorboard/)")
+  print(
+      f"wall time {int(minutes)} min {seconds:.1f} s "
+      f"(train {summary['seconds']['train']:.1f} s, eval {summary['seconds']['eval']:.1f} s)"
+  )
+  return 0
+
+
+def run() -> None:
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+  run()

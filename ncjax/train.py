@@ -1,0 +1,540 @@
+"""Training: members sharing one compiled step, data parallel on a device mesh.
+
+A run trains every member (seed x bias rate) of one dataset-attribute
+combination. The train step is one pure function `(state, data_key, labels,
+images) -> (state, metrics)`, jit-compiled once with donated state:
+
+  * data parallel: `jax.jit` over a 1-D `Mesh` named 'data' (the supported
+    successor of `pmap`); the batch is sharded on 'data', parameters are
+    replicated, XLA inserts the gradient all-reduce, and BatchNorm sees the
+    global batch. The same code runs on 1 CPU, 8 GPUs or a TPU slice.
+  * members: `members.strategy='loop'` calls the compiled step once per
+    member; 'vmap' runs all members in one step over stacked states. Both
+    apply the same step function, so they compute the same numbers.
+  * input: splits stay resident on the mesh; a batch is gathered inside the
+    step from a permutation derived from (member data key, epoch), so a step
+    copies nothing from the host and a resumed run replays the same batches.
+
+After every epoch each member is evaluated in eval mode on train (with its
+own, possibly biased, labels), validation (biased) and test (clean):
+loss, accuracy per group, and the neural-collapse metrics of the configured
+feature layer. Early stopping on the validation loss is tracked per member
+without stopping training: its snapshot becomes the 'early' stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ncjax import checkpoints, input_pipeline, metric_writers, resnet
+from ncjax import members as members_lib
+from ncjax import workdir as workdir_lib
+from ncjax.errors import ConfigError, NcjaxError
+
+RUN_FILE = "run.json"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class NonFiniteError(NcjaxError):
+  """A loss or metric became NaN or infinite."""
+
+
+# ---------------------------------------------------------------- model, state
+
+
+def create_model(config) -> resnet.ResNet:
+  if config.model.dtype not in DTYPES:
+    raise ConfigError(
+        f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}"
+    )
+  if config.model.name not in resnet.MODELS:
+    raise ConfigError(
+        f"model.name must be one of {list(resnet.MODELS)}, got {config.model.name!r}"
+        + workdir_lib.closest(config.model.name, resnet.MODELS)
+    )
+  return resnet.create(
+      config.model.name,
+      num_classes=2,
+      width=config.model.width,
+      stem=config.model.stem,
+      stage_sizes=tuple(config.model.stage_sizes) or None,
+      dtype=DTYPES[config.model.dtype],
+  )
+
+
+def create_optimizer(config) -> optax.GradientTransformation:
+  opt = config.optimizer
+  if opt.name == "adam":
+    if opt.weight_decay:
+      # Adam with L2 in the loss gradient, as torch.optim.Adam(weight_decay).
+      return optax.chain(
+          optax.add_decayed_weights(opt.weight_decay), optax.adam(opt.learning_rate)
+      )
+    return optax.adam(opt.learning_rate)
+  if opt.name == "adamw":
+    return optax.adamw(opt.learning_rate, weight_decay=opt.weight_decay)
+  if opt.name == "sgd":
+    return optax.chain(
+        optax.add_decayed_weights(opt.weight_decay),
+        optax.sgd(opt.learning_rate, momentum=opt.momentum),
+    )
+  raise ConfigError(
+      f"optimizer.name must be adam, adamw or sgd, got {opt.name!r}"
+      + workdir_lib.closest(opt.name, ("adam", "adamw", "sgd"))
+  )
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def init_state(model, tx, key, image_shape) -> TrainState:
+  variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables["batch_stats"],
+      opt_state=tx.init(params),
+  )
+
+
+def abstract_variables(config, image_shape) -> dict[str, Any]:
+  """Shapes of {'params', 'batch_stats'} of the configured model."""
+  model = create_model(config)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
+  )
+  return {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
+
+
+# ------------------------------------------------------------------ the steps
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  # Auto axes: a vmapped conv ensemble on Explicit axes fails to shard.
+  return jax.make_mesh(
+      (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+  )
+
+
+def train_step(
+    state: TrainState,
+    data_key: jax.Array,
+    labels_N: jax.Array,
+    images_N: jax.Array,
+    *,
+    model,
+    tx,
+    batch_size: int,
+    steps_per_epoch: int,
+    num_train: int,
+    preprocess: Callable[[jax.Array], jax.Array],
+    batch_sharding,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step of one member; pure, so it jits and vmaps."""
+  epoch = state.step // steps_per_epoch
+  i = state.step % steps_per_epoch
+  perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_train)
+  idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
+  x = jax.lax.with_sharding_constraint(preprocess(images_N[idx]), batch_sharding)
+  y = labels_N[idx]
+
+  def loss_fn(params):
+    (logits, _), mutated = model.apply(
+        {"params": params, "batch_stats": state.batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, (logits, mutated["batch_stats"])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+  )
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+  )
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
+  return new_state, {"loss": loss, "accuracy": accuracy}
+
+
+def eval_chunk(variables, images, start, *, model, chunk, preprocess, layer, batch_sharding):
+  """Eval-mode logits and features of rows [start, start + chunk)."""
+  x = jax.lax.dynamic_slice_in_dim(images, start, chunk)
+  x = jax.lax.with_sharding_constraint(preprocess(x), batch_sharding)
+  logits, feats = model.apply(variables, x, train=False)
+  if layer not in feats:
+    raise ConfigError(f"nc.layer {layer!r} is not a feature of the model; valid: {sorted(feats)}")
+  return logits.astype(jnp.float32), feats[layer].reshape(chunk, -1).astype(jnp.float32)
+
+
+def split_metrics(logits, labels, groups, valid, *, num_groups: int) -> dict[str, jax.Array]:
+  """Eval loss and accuracy, overall and per group (padding rows masked)."""
+  w = valid.astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  out = {
+      "loss": jnp.sum(loss * w) / jnp.sum(w),
+      "accuracy": jnp.sum(correct * w) / jnp.sum(w),
+  }
+  for g in range(num_groups):
+    wg = w * (groups == g)
+    out[f"accuracy/g{g}"] = jnp.sum(correct * wg) / jnp.sum(wg)  # NaN if empty
+  return out
+
+
+# ------------------------------------------------------------------- the loop
+
+
+@flax.struct.dataclass
+class EarlyStopping:
+  """Per-member early-stopping bookkeeping (host side)."""
+
+  best_loss: float = math.inf
+  best_epoch: int = 0
+  bad_epochs: int = 0
+  stopped: bool = False
+
+
+def _resolve_strategy(config) -> str:
+  strategy = config.members.strategy
+  if strategy == "auto":
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+  if strategy not in ("loop", "vmap"):
+    raise ConfigError(
+        f"members.strategy must be auto, loop or vmap, got {strategy!r}"
+        + workdir_lib.closest(strategy, ("auto", "loop", "vmap"))
+    )
+  return strategy
+
+
+def validate(config, num_train: int) -> None:
+  """Checks what can only be checked once the data is known."""
+  n_dev = jax.device_count()
+  if config.epochs < 1:
+    raise ConfigError(f"epochs must be >= 1, got {config.epochs}")
+  if config.batch_size > num_train:
+    raise ConfigError(
+        f"batch_size {config.batch_size} is larger than the train split "
+        f"({num_train} examples)"
+    )
+  if config.batch_size % n_dev:
+    raise ConfigError(
+        f"batch_size {config.batch_size} is not divisible by the {n_dev} devices"
+    )
+  if config.eval_batch_size % n_dev:
+    raise ConfigError(
+        f"eval_batch_size {config.eval_batch_size} is not divisible by the "
+        f"{n_dev} devices"
+    )
+  if config.early_stopping.patience < 1:
+    raise ConfigError(
+        f"early_stopping.patience must be >= 1, got {config.early_stopping.patience}"
+    )
+  if config.nc.every < 1 or config.checkpoint.every < 1:
+    raise ConfigError("nc.every and checkpoint.every must be >= 1")
+
+
+def _check_finite(records, epoch: int) -> None:
+  for r in records:
+    for key in ("loss", "batch_loss"):
+      if key in r and not math.isfinite(r[key]):
+        raise NonFiniteError(
+            f"non-finite {r['split']} {key} ({r[key]}) for member {r['member']} "
+            f"at epoch {epoch}; the last good checkpoint is kept"
+        )
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains all members of `config` in `workdir`, resuming if possible.
+
+  Returns a summary: per member the early-stopping epoch, and timings.
+  """
+  t_start = time.perf_counter()
+  members = members_lib.from_config(config)
+  for m in members:
+    input_pipeline.bias_lib.BiasSpec(
+        m.bias_rate, config.bias.group, config.bias.mode, config.bias.direction
+    ).validate()
+  strategy = _resolve_strategy(config)
+  model = create_model(config)
+  tx = create_optimizer(config)
+
+  # ---- input
+  splits = input_pipeline.load(config)
+  num_train = len(splits["train"])
+  validate(config, num_train)
+  resumed = workdir_lib.check_config(workdir, config)
+  workdir_lib.check_writable(workdir)
+  workdir_lib.write_config(workdir, config)
+
+  mesh = make_mesh()
+  replicated = jax.NamedSharding(mesh, jax.P())
+  batch_sharding = jax.NamedSharding(mesh, jax.P("data"))
+  chunk = config.eval_batch_size
+  dev = {k: input_pipeline.to_device(s, chunk, replicated) for k, s in splits.items()}
+  num_groups = int(max(int(s.groups.max()) for s in splits.values())) + 1
+  image_shape = splits["train"].images.shape[1:]
+
+  labels, flipped = {}, {}
+  for m in members:
+    per_split = input_pipeline.member_labels(splits, m, config)
+    labels[m.name] = {
+        k: input_pipeline.labels_to_device(y, chunk, replicated)
+        for k, (y, _) in per_split.items()
+    }
+    flipped[m.name] = {k: mask for k, (_, mask) in per_split.items()}
+  _write_run_info(workdir, config, members, splits, flipped, image_shape, num_groups)
+
+  # ---- model, compiled steps
+  preprocess = functools.partial(
+      input_pipeline.normalize, mean=config.dataset.mean, std=config.dataset.std
+  )
+  steps_per_epoch = num_train // config.batch_size
+  step = functools.partial(
+      train_step,
+      model=model,
+      tx=tx,
+      batch_size=config.batch_size,
+      steps_per_epoch=steps_per_epoch,
+      num_train=num_train,
+      preprocess=preprocess,
+      batch_sharding=batch_sharding,
+  )
+  if strategy == "loop":
+    step_fn = jax.jit(step, donate_argnums=0)
+  else:
+    step_fn = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None)), donate_argnums=0)
+  eval_fn = jax.jit(
+      functools.partial(
+          eval_chunk,
+          model=model,
+          preprocess=preprocess,
+          layer=config.nc.layer,
+          batch_sharding=batch_sharding,
+      ),
+      static_argnames=("chunk",),
+  )
+  metrics_fn = jax.jit(functools.partial(split_metrics, num_groups=num_groups))
+
+  # ---- state: fresh, or restored from the latest checkpoint
+  states = {}
+  for m in members:
+    init_key, _ = m.keys()
+    states[m.name] = jax.device_put(init_state(model, tx, init_key, image_shape), replicated)
+  data_keys = {m.name: m.keys()[1] for m in members}
+  early = {m.name: EarlyStopping() for m in members}
+  early_vars = {m.name: _copy(states[m.name].variables) for m in members}
+
+  latest = checkpoints.LatestCheckpoint(workdir)
+  writer = metric_writers.MetricWriter(workdir)
+  start_epoch = 0
+  last = latest.latest_epoch() if resumed else None
+  if last is not None:
+    restored, meta = latest.restore(
+        last, {"states": states, "early": early_vars}
+    )
+    states, early_vars = restored["states"], restored["early"]
+    early = {k: EarlyStopping(**v) for k, v in meta["early_stopping"].items()}
+    start_epoch = int(meta["epoch"])
+    logging.info("resuming %s from epoch %d", workdir, start_epoch)
+  writer.truncate_after(start_epoch)
+
+  # ---- epoch loop
+  timings = {"train": 0.0, "eval": 0.0, "checkpoint": 0.0}
+  progress = _progress(config, start_epoch)
+  for epoch in range(start_epoch + 1, config.epochs + 1):
+    t0 = time.perf_counter()
+    states, batch_metrics = _train_epoch(
+        step_fn, strategy, states, data_keys, labels, dev["train"].images, steps_per_epoch
+    )
+    jax.block_until_ready(states)
+    t1 = time.perf_counter()
+    records = []
+    for m in members:
+      records += _evaluate_member(
+          m, epoch, states[m.name].variables, dev, labels[m.name], eval_fn, metrics_fn
+      )
+    for r in records:
+      if r["split"] == "train":
+        r["batch_loss"] = batch_metrics[r["member"]]["loss"]
+    _check_finite(records, epoch)
+    for m in members:
+      val = next(r for r in records if r["member"] == m.name and r["split"] == "validation")
+      early[m.name] = _early_update(early[m.name], val["loss"], epoch, config)
+      if early[m.name].best_epoch == epoch:
+        early_vars[m.name] = _copy(states[m.name].variables)
+    t2 = time.perf_counter()
+    writer.write(records)
+    if epoch % config.checkpoint.every == 0 or epoch == config.epochs:
+      latest.save(
+          epoch,
+          {"states": states, "early": early_vars},
+          {"epoch": epoch, "early_stopping": {k: _es_dict(v) for k, v in early.items()}},
+      )
+    t3 = time.perf_counter()
+    timings["train"] += t1 - t0
+    timings["eval"] += t2 - t1
+    timings["checkpoint"] += t3 - t2
+    if progress is not None:
+      val_loss = np.mean([r["loss"] for r in records if r["split"] == "validation"])
+      progress.set_postfix(val_loss=f"{val_loss:.3f}")
+      progress.update(1)
+  if progress is not None:
+    progress.close()
+  latest.close()
+  writer.close()
+
+  # ---- stages
+  checkpoints.save_stages(
+      workdir,
+      {
+          m.name: {"early": early_vars[m.name], "final": states[m.name].variables}
+          for m in members
+      },
+  )
+  summary = {
+      "members": {m.name: _es_dict(early[m.name]) for m in members},
+      "strategy": strategy,
+      "devices": jax.device_count(),
+      "seconds": {k: round(v, 3) for k, v in timings.items()},
+      "wall_seconds": round(time.perf_counter() - t_start, 3),
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "train_summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def _copy(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _es_dict(es: EarlyStopping) -> dict[str, Any]:
+  return {
+      "best_loss": float(es.best_loss),
+      "best_epoch": int(es.best_epoch),
+      "bad_epochs": int(es.bad_epochs),
+      "stopped": bool(es.stopped),
+  }
+
+
+def _early_update(es: EarlyStopping, val_loss: float, epoch: int, config) -> EarlyStopping:
+  """Patience-based early stopping that records instead of stopping."""
+  if es.stopped:
+    return es
+  if val_loss < es.best_loss:
+    return EarlyStopping(val_loss, epoch, 0, False)
+  bad = es.bad_epochs + 1
+  return es.replace(bad_epochs=bad, stopped=bad >= config.early_stopping.patience)
+
+
+def _train_epoch(step_fn, strategy, states, data_keys, labels, images, steps):
+  """One epoch of every member; returns states and mean batch metrics."""
+  names = list(states)
+  if strategy == "loop":
+    sums = {}
+    for name in names:
+      state, labels_N, key = states[name], labels[name]["train"], data_keys[name]
+      total = None
+      for _ in range(steps):
+        state, metrics = step_fn(state, key, labels_N, images)
+        total = metrics if total is None else jax.tree.map(jnp.add, total, metrics)
+      states[name] = state
+      sums[name] = total
+  else:
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(states[n] for n in names))
+    keys = jnp.stack([data_keys[n] for n in names])
+    labels_MN = jnp.stack([labels[n]["train"] for n in names])
+    total = None
+    for _ in range(steps):
+      stacked, metrics = step_fn(stacked, keys, labels_MN, images)
+      total = metrics if total is None else jax.tree.map(jnp.add, total, metrics)
+    states = {n: jax.tree.map(lambda x, i=i: x[i], stacked) for i, n in enumerate(names)}
+    sums = {n: jax.tree.map(lambda x, i=i: x[i], total) for i, n in enumerate(names)}
+  sums = jax.device_get(sums)
+  return states, {n: {k: float(v) / steps for k, v in s.items()} for n, s in sums.items()}
+
+
+def _evaluate_member(member, epoch, variables, dev, labels, eval_fn, metrics_fn):
+  records = []
+  for split, d in dev.items():
+    logits, feats = _predict(eval_fn, variables, d)
+    metrics = jax.device_get(metrics_fn(logits, labels[split], d.groups, d.valid))
+    record = {
+        "epoch": epoch,
+        "member": member.name,
+        "seed": member.seed,
+        "bias_rate": member.bias_rate,
+        "split": split,
+    }
+    record.update({k: float(v) for k, v in metrics.items()})
+    records.append(record)
+  return records
+
+
+def _predict(eval_fn, variables, d: input_pipeline.DeviceSplit):
+  """Logits and features of every (padded) row of a resident split."""
+  outs = [
+      eval_fn(variables, d.images, np.int32(start), chunk=d.chunk)
+      for start in range(0, d.images.shape[0], d.chunk)
+  ]
+  logits = jnp.concatenate([o[0] for o in outs])
+  feats = jnp.concatenate([o[1] for o in outs])
+  return logits, feats
+
+
+def _write_run_info(workdir, config, members, splits, flipped, image_shape, num_groups):
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.join(workdir, "bias"), exist_ok=True)
+  for m in members:
+    ids = {k: splits[k].ids[mask].tolist() for k, mask in flipped[m.name].items()}
+    with open(os.path.join(workdir, "bias", f"{m.name}.json"), "w") as f:
+      json.dump({"seed": m.seed, "bias_rate": m.bias_rate, "flipped_ids": ids}, f)
+  info = {
+      "members": [
+          {"name": m.name, "seed": m.seed, "bias_rate": m.bias_rate} for m in members
+      ],
+      "image_shape": list(image_shape),
+      "num_groups": num_groups,
+      "split_sizes": {k: len(s) for k, s in splits.items()},
+  }
+  with open(os.path.join(workdir, RUN_FILE), "w") as f:
+    json.dump(info, f, indent=2)
+
+
+def _progress(config, start_epoch):
+  if not config.progress or jax.process_index() != 0:
+    return None
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  return tqdm(
+      total=config.epochs, initial=start_epoch, desc="epochs", unit="epoch", dynamic_ncols=True
+  )

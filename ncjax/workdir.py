@@ -1,0 +1,103 @@
+"""The workdir: what a run writes, and the guard against mixing two runs.
+
+Layout:
+  config.json        resolved config and command-line overrides
+  metrics.jsonl      one record per (epoch, member, split)
+  tensorboard/       one TensorBoard run per member
+  bias/              flipped example ids per member and split
+  checkpoints/       Orbax: latest/ (resume), <member>/early, <member>/final
+
+A workdir belongs to one config: starting a run in a workdir written by a
+different config fails before anything is written, naming the fields that
+differ. Only fields that cannot change results may differ (`_RUNTIME_FIELDS`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from ncjax.errors import WorkdirError
+
+CONFIG_FILE = "config.json"
+# Fields that do not change what a run computes.
+_RUNTIME_FIELDS = ("dataset.data_dir", "progress", "members.strategy", "checkpoint.every")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_to_dict(config) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def check_writable(workdir: str) -> None:
+  """Fails now, not after an hour of training, if `workdir` is unusable."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
+      pass
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror}") from None
+
+
+def check_config(workdir: str, config) -> bool:
+  """True if `workdir` holds a run of this config, False if it is new.
+
+  Raises WorkdirError if it holds a run of a different config.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    old = _flatten(json.load(f)["config"])
+  new = _flatten(config_to_dict(config))
+  diff = sorted(
+      k for k in old.keys() | new.keys()
+      if k not in _RUNTIME_FIELDS and old.get(k) != new.get(k)
+  )
+  if diff:
+    shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
+    more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+    raise WorkdirError(
+        f"workdir {workdir} was written by a different config ({shown}{more}); "
+        "use a new --workdir"
+    )
+  return True
+
+
+def write_config(workdir: str, config, overrides: Mapping[str, Any] | None = None) -> None:
+  if jax.process_index() != 0:
+    return
+  payload = {"config": config_to_dict(config), "overrides": dict(overrides or {})}
+  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def read_config(workdir: str) -> dict[str, Any]:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise WorkdirError(f"{path} not found: is {workdir} an ncjax workdir?")
+  with open(path) as f:
+    return json.load(f)
+
+
+def closest(name: str, options) -> str:
+  """' (did you mean X?)' for a near miss, else ''."""
+  match = difflib.get_close_matches(name, list(options), n=1)
+  return f" (did you mean {match[0]!r}?)" if match else ""
