@@ -192,18 +192,23 @@ def choose_crop_size(area_fraction: jax.Array, log_ratio: jax.Array,
 def _sample_one(key: jax.Array, height: int, width: int,
                 scale: tuple[float, float], ratio: tuple[float, float],
                 degrees: float) -> tuple[jax.Array, ...]:
-  k_area, k_ratio, k_top, k_left, k_angle = jax.random.split(key, 5)
-  area_fraction = jax.random.uniform(
-      k_area, (CROP_ATTEMPTS,), minval=scale[0], maxval=scale[1])
-  log_ratio = jax.random.uniform(
-      k_ratio, (CROP_ATTEMPTS,), minval=math.log(ratio[0]),
-      maxval=math.log(ratio[1]))
+  # One uniform draw feeds every parameter: each PRNG call inlines a threefry
+  # kernel, and a handful of them made this the bulk of the compile time.
+  u = jax.random.uniform(key, (2 * CROP_ATTEMPTS + 3,))
+  area_u, ratio_u = u[:CROP_ATTEMPTS], u[CROP_ATTEMPTS:2 * CROP_ATTEMPTS]
+  top_u, left_u, angle_u = u[2 * CROP_ATTEMPTS:]
+  area_fraction = scale[0] + (scale[1] - scale[0]) * area_u
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  log_ratio = log_lo + (log_hi - log_lo) * ratio_u
   h, w, found = choose_crop_size(area_fraction, log_ratio, height, width, ratio)
-  top = jnp.where(found, jax.random.randint(k_top, (), 0, height - h + 1),
-                  (height - h) // 2)
-  left = jnp.where(found, jax.random.randint(k_left, (), 0, width - w + 1),
-                   (width - w) // 2)
-  angle = jax.random.uniform(k_angle, (), minval=-degrees, maxval=degrees)
+
+  def offset(u_pos, free):
+    # Uniform integer in [0, free]; the clip guards float rounding at u -> 1.
+    return jnp.minimum(jnp.floor(u_pos * (free + 1)).astype(jnp.int32), free)
+
+  top = jnp.where(found, offset(top_u, height - h), (height - h) // 2)
+  left = jnp.where(found, offset(left_u, width - w), (width - w) // 2)
+  angle = -degrees + 2 * degrees * angle_u
   return top, left, h, w, angle
 
 

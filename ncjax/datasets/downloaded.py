@@ -20,7 +20,9 @@ import dataclasses
 import functools
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+import re
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -88,26 +90,22 @@ def _try_load(
 
 
 def _load_all(
-    paths: Sequence[str], load: Any, num_workers: int
+    paths: Sequence[str], load: Any, pool: Any
 ) -> Iterator[tuple[np.ndarray | None, str | None]]:
-  """`load(path)` for every path, in order, in `num_workers` processes."""
-  if num_workers <= 1 or len(paths) < 2:
+  """`load(path)` for every path, in order, in `pool` (or here if None)."""
+  if pool is None:
     yield from map(load, paths)
     return
-  # spawn, not fork: the parent may hold threads (JAX, TFDS) a fork would copy.
-  context = multiprocessing.get_context("spawn")
   # Chunks keep memory bounded when writing is slower than decoding; the next
   # chunk decodes while the current one is written.
-  chunk = 64 * num_workers
-  with context.Pool(num_workers) as pool:
-    starts = range(0, len(paths), chunk)
-    pending = pool.map_async(load, paths[:chunk], chunksize=8)
-    for start in starts:
-      results = pending.get()
-      following = paths[start + chunk : start + 2 * chunk]
-      if following:
-        pending = pool.map_async(load, following, chunksize=8)
-      yield from results
+  chunk = 512
+  pending = pool.map_async(load, paths[:chunk], chunksize=8)
+  for start in range(0, len(paths), chunk):
+    results = pending.get()
+    following = paths[start + chunk : start + 2 * chunk]
+    if following:
+      pending = pool.map_async(load, following, chunksize=8)
+    yield from results
 
 
 # --- tables -----------------------------------------------------------------
@@ -124,6 +122,7 @@ def require_file(manual_dir: epath.Path, relative: str, what: str) -> epath.Path
 def check_columns(
     table: pd.DataFrame, columns: Sequence[str], source: os.PathLike | str
 ) -> None:
+  """A `DataError` naming `source` unless `table` has all `columns`."""
   missing = [c for c in columns if c not in table.columns]
   if missing:
     raise DataError(
@@ -144,13 +143,14 @@ def read_csv(
 
 
 def read_excel(path: epath.Path, **kwargs: Any) -> pd.DataFrame:
+  """The first sheet of an xlsx file."""
   try:
     return pd.read_excel(path, engine="openpyxl", **kwargs)
-  except (ValueError, OSError, KeyError) as e:
+  except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
     raise DataError(f"{path}: not a readable xlsx table ({e})") from e
 
 
-def to_numbers(values: pd.Series, what: str) -> np.ndarray:
+def to_numbers(values: pd.Series, what: Callable[[Any], str]) -> np.ndarray:
   """float64 values; `what(label)` names a row whose value is not a number."""
   numbers = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
   bad = np.flatnonzero(np.isnan(numbers) & values.notna().to_numpy())
@@ -209,24 +209,35 @@ class DownloadedImageBuilder(
     """Args beyond TFDS's (`data_dir`, ...):
 
     Args:
-      image_size: (height, width) of the stored images; a size other than the
-        default config's is stored as its own config "HxW".
+      image_size: (height, width) of the stored images (default: the
+        default config's); each size is stored as its own config "HxW".
       skip_bad_images: leave out images that fail to decode (listed in the
         metadata) instead of failing the build.
       num_workers: processes decoding images (default: all cores).
       show_progress: a progress bar per split while building.
     """
-    default = self.BUILDER_CONFIGS[0]
-    if image_size is not None and tuple(image_size) != default.image_shape[:2]:
+    if image_size is not None:
       height, width = (int(v) for v in image_size)
       if height < 1 or width < 1:
         raise DataError(f"image_size must be positive, got {image_size}")
-      kwargs["config"] = image_config(height, width, self.CHANNELS)
+      kwargs["config"] = f"{height}x{width}"
     self._skip_bad_images = skip_bad_images
-    self._num_workers = num_workers or os.cpu_count() or 1
+    self._num_workers = num_workers or _usable_cpus()
     self._show_progress = show_progress
     self._bad_images: list[dict[str, str]] = []
+    self._pool = None
     super().__init__(**kwargs)
+
+  @classmethod
+  def get_builder_config(
+      cls, name: str, version: str | tfds.core.Version | None = None
+  ) -> tfds.core.BuilderConfig | None:
+    # Any "HxW" is a valid config: each stored size lives in its own folder.
+    config = super().get_builder_config(name, version)
+    if config is None and re.fullmatch(r"[1-9]\d*x[1-9]\d*", name):
+      height, width = (int(v) for v in name.split("x"))
+      config = image_config(height, width, cls.CHANNELS)
+    return config
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -263,6 +274,31 @@ class DownloadedImageBuilder(
     optionally `problem` (why the image cannot be read, or None).
     """
 
+  # TFDS prints download sizes and a "downloaded" line to stdout; nothing is
+  # downloaded here and `ncjax.prepare` reports for itself.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
+  def _download_and_prepare(
+      self,
+      dl_manager: tfds.download.DownloadManager,
+      download_config: tfds.download.DownloadConfig,
+  ) -> None:
+    # One decoding pool for all splits, gone when generation ends or fails.
+    # spawn, not fork: the parent may hold threads (JAX, TFDS) a fork copies.
+    self._bad_images = []
+    if self._num_workers <= 1:
+      return super()._download_and_prepare(dl_manager, download_config)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(self._num_workers) as self._pool:
+      try:
+        return super()._download_and_prepare(dl_manager, download_config)
+      finally:
+        self._pool = None
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     try:
       manual_dir = dl_manager.manual_dir
@@ -274,30 +310,30 @@ class DownloadedImageBuilder(
         ["split", "path", "label", "id", *self.ATTRIBUTES],
         f"{self.name} cohort",
     )
-    problems = cohort["problem"] if "problem" in cohort else None
-    missing = [
-        (path, "file not found")
-        if problems is None or problems[i] is None
-        else (path, problems[i])
-        for i, path in enumerate(cohort["path"])
-        if (problems is not None and problems[i] is not None)
-        or not (manual_dir / path).is_file()
-    ]
-    if missing and not self._skip_bad_images:
+    repeated = cohort["path"][cohort["path"].duplicated()]
+    if len(repeated):  # TFDS keys examples by path
+      raise DataError(f"{self.name}: image {repeated.iloc[0]} listed twice")
+    if "problem" not in cohort:
+      cohort["problem"] = None
+    unreadable = {}
+    for path, problem in zip(cohort["path"], cohort["problem"]):
+      if not isinstance(problem, str) and not (manual_dir / path).is_file():
+        problem = "file not found"
+      if isinstance(problem, str):
+        unreadable[path] = problem
+    if unreadable and not self._skip_bad_images:
       raise DataError(
-          f"{len(missing)} image(s) missing under {manual_dir}: "
-          + _list(missing)
+          f"{len(unreadable)} image(s) missing under {manual_dir}: "
+          + _list(list(unreadable.items()))
           + "; pass --skip_bad_images to leave them out"
       )
-    unreadable = {path: reason for path, reason in missing}
-    last = datasets.SPLITS[-1]
     generators = {}
     for split in datasets.SPLITS:
       rows = cohort[cohort["split"] == split]
       if rows.empty:
         raise DataError(f"{self.name}: split {split!r} has no images")
       generators[split] = self._generate_examples(
-          rows, manual_dir, unreadable, split, is_last=split == last
+          rows, manual_dir, unreadable, split
       )
     return generators
 
@@ -307,12 +343,13 @@ class DownloadedImageBuilder(
       manual_dir: epath.Path,
       unreadable: dict[str, str],
       split: str,
-      is_last: bool,
   ) -> Iterator[tuple[str, dict[str, Any]]]:
-    for path, reason in unreadable.items():
-      if path in set(rows["path"]):
-        self._bad_images.append({"split": split, "path": path, "reason": reason})
-    rows = rows[~rows["path"].isin(list(unreadable))]
+    skipped = rows["path"].isin(list(unreadable))
+    for path in rows["path"][skipped]:
+      self._bad_images.append(
+          {"split": split, "path": path, "reason": unreadable[path]}
+      )
+    rows = rows[~skipped]
     load = functools.partial(_try_load, shape=self.image_shape, fit=self.FIT)
     files = [os.fspath(manual_dir / p) for p in rows["path"]]
     attributes = list(self.ATTRIBUTES)
@@ -324,9 +361,8 @@ class DownloadedImageBuilder(
         disable=not self._show_progress,
     )
     with progress:
-      for record, (image, error) in zip(
-          records, _load_all(files, load, self._num_workers)
-      ):
+      images = _load_all(files, load, self._pool)
+      for record, (image, error) in zip(records, images):
         progress.update()
         if error is not None:
           self._bad_images.append(
@@ -341,7 +377,9 @@ class DownloadedImageBuilder(
         }
         example.update({a: int(record[a]) for a in attributes})
         yield record["path"], example
-    if is_last:
+    # TFDS generates the splits one after the other, in order: after the last
+    # one every bad image is known.
+    if split == datasets.SPLITS[-1]:
       self._finish()
 
   def _finish(self) -> None:
@@ -356,6 +394,12 @@ class DownloadedImageBuilder(
     self.info.metadata["skipped_images"] = list(bad)
     if bad:
       logging.warning("%s: skipped %d unreadable image(s)", self.name, len(bad))
+
+
+def _usable_cpus() -> int:
+  if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may use
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def _list(items: Sequence[tuple[str, str]]) -> str:
