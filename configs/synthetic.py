@@ -51,7 +51,7 @@ def synthetic_dataset() -> ml_collections.ConfigDict:
           image_size=24,
           num_train=1536,
           num_validation=512,
-          num_test=4096,
+          num_test=2048,
           prevalence=0.25,
           seed=0,
           texture_sigma=3.0,
@@ -98,9 +98,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "resnet10"
-  config.model.width = 16
+  config.model.width = 8
   config.model.stem = "cifar"  # 3x3 stride-1 stem for small images
-  config.model.stage_sizes = ()  # () = the named depth
+  config.model.stage_sizes = (1, 1, 1)  # () = the named depth
   config.model.dtype = "float32"  # compute dtype; params stay float32
 
   config.optimizer = ml_collections.ConfigDict()
@@ -111,7 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.batch_size = 32  # global, over all devices
   config.eval_batch_size = 1024
-  config.epochs = 40
+  config.epochs = 30
   config.early_stopping = ml_collections.ConfigDict()
   config.early_stopping.patience = 5  # epochs without val-loss improvement
 

@@ -9,6 +9,7 @@ print one line and exit with status 2.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -19,14 +20,32 @@ from ml_collections import config_flags
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic.py"
 )
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Config file, optionally `path.py:arg`.", lock_config=True
-)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs, checkpoints, report.")
 flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv) -> int:
+def _define_config_flag():
+  """--config; a bad override fails here, when the default config is read."""
+  try:
+    return config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG, "Config file, optionally `path.py:arg`.",
+        lock_config=True,
+    )
+  except (KeyError, AttributeError) as e:
+    text = str(e).replace("\\n", " ")
+    field = re.search(r"'([^'\\]+)", text)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    print(
+        f"error: unknown config field {field.group(1) if field else '?'!r} in "
+        f"{' '.join(overrides) or '--config'}"
+        + (f" (did you mean {hint.group(1)!r}?)" if hint else ""),
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
+def main(argv, config_flag) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so that --help is fast.
@@ -36,9 +55,9 @@ def main(argv) -> int:
   # Orbax and TFDS log every file they write at INFO.
   absl_logging.set_verbosity(absl_logging.WARNING)
   t0 = time.perf_counter()
-  config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
   try:
+    config = config_flag.value
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
     summary = train.train_and_evaluate(config, workdir)
     workdir_lib.write_config(workdir, config, overrides)
@@ -55,7 +74,8 @@ def main(argv) -> int:
 
 
 def run() -> None:
-  app.run(lambda argv: sys.exit(main(argv)))
+  config_flag = _define_config_flag()
+  app.run(lambda argv: sys.exit(main(argv, config_flag)))
 
 
 if __name__ == "__main__":

@@ -152,19 +152,22 @@ def _cell_means(feats, cells, shift, num_cells: int, chunk: int):
   def body(tot, h, c):
     x = jnp.where((c < num_cells)[:, None], h - shift, 0)
     oh = jax.nn.one_hot(c, num_cells, dtype=h.dtype)
-    tot = tot + jnp.matmul(oh.T, x, precision=_HI).astype(acc)
-    return tot, jnp.all(jnp.isfinite(x), axis=1)
+    return tot + jnp.matmul(oh.T, x, precision=_HI).astype(acc), ()
 
-  tot, finite = _scan_rows(body, jnp.zeros((num_cells, feats.shape[1]), acc), (feats, cells), chunk)
+  tot, _ = _scan_rows(body, jnp.zeros((num_cells, feats.shape[1]), acc), (feats, cells), chunk)
   count = jnp.bincount(cells, length=num_cells + 1)[:num_cells].astype(jnp.int32)
-  return count, tot / jnp.maximum(count, 1).astype(acc)[:, None], jnp.sum(~finite)
+  # A NaN or inf in any valid row reaches its cell sum: a free check.
+  return count, tot / jnp.maximum(count, 1).astype(acc)[:, None], ~jnp.all(jnp.isfinite(tot))
 
 
 def _centred(h, c, shift, mean, num_cells: int):
-  """Rows minus their cell mean, in the accumulator dtype; padding rows 0."""
+  """Rows minus their cell mean (padding rows 0), in the feature dtype.
+
+  Means are relative to the shift, so they are small and rounding them to the
+  feature dtype loses nothing that matters; callers correct the remainder.
+  """
   ok = (c < num_cells)[:, None]
-  x = jnp.where(ok, h - shift, 0).astype(mean.dtype) - mean[jnp.minimum(c, num_cells - 1)]
-  return jnp.where(ok, x, 0)
+  return jnp.where(ok, h - shift - mean.astype(h.dtype)[jnp.minimum(c, num_cells - 1)], 0)
 
 
 # ----------------------------------------------------------------------------
@@ -188,8 +191,11 @@ def _geometry(count, mean, centres, k: int, g: int, global_mean: str) -> _Geomet
     mu_g = centres.mean(0)
   else:
     mu_g = jnp.einsum("k,kd->d", n_c / n_c.sum(), centres, precision=_HI)
-  cell_rows = jnp.where((count > 0)[:, None], mean - mu_g, 0)
-  centre_rows = jnp.where(jnp.isfinite(centres), centres - mu_g, 0)
+  # Any finite reference point gives a spanning set; mu_G (undefined when a
+  # class is missing) makes the last K rows the rows of M.
+  ref = jnp.where(jnp.isfinite(mu_g), mu_g, 0)
+  cell_rows = jnp.where((count > 0)[:, None], mean - ref, 0)
+  centre_rows = jnp.where(jnp.isfinite(centres), centres - ref, 0)
   return _Geometry(centres, mu_g, jnp.concatenate([cell_rows, centre_rows]))
 
 
@@ -259,8 +265,7 @@ def _metrics(
   ce = jnp.einsum("pd,kgd->gkp", geo.basis, e, precision=_HI)
   shifted = scatter + jnp.einsum("kg,gkp,gkq->gpq", n_kg, ce, ce, precision=_HI)
   x_g = shifted[:, sel, sel] / n_g[:, None, None]
-  nc1_g = jax.vmap(_nc1, in_axes=(0, None))(x_g, gram_b)
-  nc1 = _nc1(shifted.sum(0)[sel, sel] / n, gram_b)
+  x_all = shifted.sum(0)[sel, sel] / n
 
   # Group a alone: M^a rows m_ca - mu_G^a = T^a basis, T^a = I_a - 1 alpha^T.
   alpha = jnp.full((k, g), 1.0 / k, acc) if global_mean == "unweighted" else n_kg / n_g
@@ -270,7 +275,13 @@ def _metrics(
   pick = jax.nn.one_hot(cols.T, nj + k, dtype=acc)  # g x k x P
   t = pick - jnp.einsum("kg,gkp->gp", alpha, pick)[:, None]
   x_own = jnp.einsum("gkp,gpq,glq->gkl", t, scatter, t, precision=_HI) / n_g[:, None, None]
-  nc1_own = jax.vmap(_nc1)(x_own, own_gram)
+
+  # One batched eigh for the overall, per-group and own NC1 (compiles faster).
+  nc1s = jax.vmap(_nc1)(
+      jnp.concatenate([x_all[None], x_g, x_own]),
+      jnp.concatenate([gram_b[None], jnp.broadcast_to(gram_b, (g, k, k)), own_gram]),
+  )
+  nc1, nc1_g, nc1_own = nc1s[0], nc1s[1 : 1 + g], nc1s[1 + g :]
   nc1_own = jnp.where(jnp.all(present, 0), nc1_own, jnp.nan)
 
   within = jnp.sum(sqdev.reshape(k, g) + n_kg * e2, 1)  # per class, around centres
@@ -282,15 +293,15 @@ def _metrics(
   cdnv = jnp.mean((var[:, None] + var[None])[iu] / (2 * jnp.where(sep > 0, sep, jnp.nan)))
   valid_centres = jnp.all(jnp.isfinite(geo.centres))
 
-  nc2_w, nc2_m = _nc2(w, ddof), _nc2(m, ddof)
+  nc2 = jax.vmap(functools.partial(_nc2, ddof=ddof))(jnp.stack([w, m]))
   wm = jnp.matmul(w, m.T, precision=_HI)
   out = {
       "nc1": nc1,
       "nc1_trace": jnp.sum(within) / n / jnp.where(tr_b > 0, tr_b, jnp.nan),
       "nc1_cdnv": cdnv,
       "nc1_dist": jnp.sum(dist) / n,
-      **{f"nc2_{k_}_w": v for k_, v in nc2_w.items()},
-      **{f"nc2_{k_}_m": v for k_, v in nc2_m.items()},
+      **{f"nc2_{k_}_w": v[0] for k_, v in nc2.items()},
+      **{f"nc2_{k_}_m": v[1] for k_, v in nc2.items()},
       "nc3": jnp.sum((w / jnp.linalg.norm(w) - m / jnp.linalg.norm(m)) ** 2),
       "nc3_wh": _etf_error(wm),
       "nc4": jnp.where(valid_centres, jnp.sum(mismatch) / n, jnp.nan),
@@ -323,8 +334,8 @@ def _kernel(feats, labels, groups, w, b, centers, *, k, g, global_mean, ddof, ch
 
   def body(_, h, c):
     x = _centred(h, c, shift, mean, nj)
-    z = jnp.matmul(x.astype(h.dtype), proj.T, precision=_HI).astype(acc)
-    return (), (z, jnp.sum(x * x, 1))
+    z = jnp.matmul(x, proj.T, precision=_HI)
+    return (), (z.astype(acc), jnp.sum(x * x, 1).astype(acc))
 
   _, (z, rr) = _scan_rows(body, (), (feats, cells), chunk)
   p = nj + k
@@ -444,10 +455,9 @@ def cell_stats(
     s, sq = carry
     x = _centred(h, c, shift, mean, nj)
     grp = jax.nn.one_hot(jnp.minimum(c, nj - 1) % num_groups, num_groups, dtype=h.dtype)
-    xh = x.astype(h.dtype)
-    xg = (grp[:, :, None] * xh[:, None, :]).reshape(xh.shape[0], -1)
-    s = s + jnp.matmul(xg.T, xh, precision=_HI).astype(acc).reshape(num_groups, d, d)
-    sq = sq + jax.ops.segment_sum(jnp.sum(x * x, 1), c, nj + 1)[:nj]
+    xg = (grp[:, :, None] * x[:, None, :]).reshape(x.shape[0], -1)
+    s = s + jnp.matmul(xg.T, x, precision=_HI).astype(acc).reshape(num_groups, d, d)
+    sq = sq + jax.ops.segment_sum(jnp.sum(x * x, 1).astype(acc), c, nj + 1)[:nj]
     return (s, sq), ()
 
   init = (jnp.zeros((num_groups, d, d), acc), jnp.zeros(nj, acc))
@@ -704,12 +714,47 @@ def compute(
     group_ids = group_ids.tolist()
   if centers is not None:
     centers = _matrix(centers, (k, d), "centers")
+  feats, labels, gidx, w, centers = _pad_small(feats, labels, gidx.astype(np.int32), w, centers)
   with _enable_x64():
     fn = _jitted_kernel(k, max(len(group_ids), 1), global_mean, int(ddof), DEFAULT_CHUNK)
-    out, nonfinite = jax.device_get(fn(feats, labels, gidx.astype(np.int32), w, b, centers))
+    out, nonfinite = jax.device_get(fn(_zero_copy(feats), labels, gidx, w, b, centers))
   if nonfinite:
-    raise DataError(f"features contain NaN or inf in {int(nonfinite)} rows")
+    raise DataError("features contain NaN or inf")
   return _floats(out, group_ids)
+
+
+def _pad_small(feats, labels, groups, w, centers):
+  """Pads small inputs to power-of-two N and D, so calls on differently sized
+  subsets share one compiled kernel. Padding rows carry label -1; zero
+  columns change no distance, norm or product."""
+  n, d = feats.shape
+  if n * d > 1 << 16:
+    return feats, labels, groups, w, centers
+  n2, d2 = max(16, 1 << (n - 1).bit_length()), max(4, 1 << (d - 1).bit_length())
+  pad = jnp.pad if isinstance(feats, jax.Array) else np.pad
+  feats = pad(feats, ((0, n2 - n), (0, d2 - d)))
+  labels = np.pad(labels, (0, n2 - n), constant_values=-1)
+  groups = np.pad(groups, (0, n2 - n))
+  w = np.pad(w, ((0, 0), (0, d2 - d)))
+  centers = None if centers is None else np.pad(centers, ((0, 0), (0, d2 - d)))
+  return feats, labels, groups, w, centers
+
+
+def _zero_copy(feats):
+  """On CPU, JAX aliases a numpy array only if it is 64-byte aligned; numpy's
+  large allocations are not, and JAX's own copy is ~2x slower than numpy's."""
+  if (
+      isinstance(feats, np.ndarray)
+      and feats.ctypes.data % 64
+      and feats.nbytes > 1 << 20
+      and jax.default_backend() == "cpu"
+  ):
+    buf = np.empty(feats.nbytes + 64, np.uint8)
+    start = -buf.ctypes.data % 64
+    out = buf[start : start + feats.nbytes].view(feats.dtype).reshape(feats.shape)
+    np.copyto(out, feats)
+    return out
+  return feats
 
 
 def compute_streaming(

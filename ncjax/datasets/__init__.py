@@ -94,6 +94,9 @@ def load_split(
   b = entry.make_builder(data_dir=data_dir, **builder_kwargs)
   if not b.is_prepared():
     if entry.auto_prepare:
+      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+      tfds.disable_progress_bar()
       b.download_and_prepare(file_format="array_record")
     else:
       raise DataError(

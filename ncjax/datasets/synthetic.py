@@ -196,6 +196,20 @@ class Synthetic(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Lesion blob on smooth texture, grating group cues."}
+  # Configs made by `make_builder`, so TFDS knows them and does not warn
+  # about a "custom data configuration" on every load.
+  _CONFIGS: dict[str, SyntheticConfig] = {}
+
+  @classmethod
+  def get_builder_config(cls, name, version=None):
+    return cls._CONFIGS.get(name) or super().get_builder_config(name, version)
+
+  # Nothing is downloaded: keep TFDS's download lines off stdout.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
   def _info(self) -> tfds.core.DatasetInfo:
     p = self.builder_config.params
@@ -228,9 +242,9 @@ class Synthetic(tfds.core.GeneratorBasedBuilder):
 
 def make_builder(*, data_dir: str, params: SyntheticParams) -> Synthetic:
   params.validate()
-  return Synthetic(
-      config=SyntheticConfig(params), data_dir=data_dir, file_format="array_record"
-  )
+  config = SyntheticConfig(params)
+  Synthetic._CONFIGS[config.name] = config  # pylint: disable=protected-access
+  return Synthetic(config=config, data_dir=data_dir, file_format="array_record")
 
 
 datasets.register(
