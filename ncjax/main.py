@@ -49,7 +49,7 @@ def main(argv, config_flag) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so that --help is fast.
-  from ncjax import train, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from ncjax import train  # pylint: disable=import-outside-toplevel
   from ncjax.errors import NcjaxError  # pylint: disable=import-outside-toplevel
 
   # Orbax and TFDS log every file they write at INFO.
@@ -59,8 +59,7 @@ def main(argv, config_flag) -> int:
   try:
     config = config_flag.value
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    summary = train.train_and_evaluate(config, workdir)
-    workdir_lib.write_config(workdir, config, overrides)
+    summary = train.train_and_evaluate(config, workdir, overrides)
   except NcjaxError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -31,8 +31,9 @@ For K = 2 the rows of M are antipodal, so every NC2 metric on M is exactly 0
 
 Undefined values are NaN, never a stand-in number: a class without samples
 (and no `centers`), Sigma_B of rank < K-1 (e.g. coincident class means), a
-group lacking a class (`nc1_own`), a zero-norm row in NC2, std with ddof >= the
-number of values. The jitted kernels cannot raise: non-finite features give NaN
+group lacking a class (`nc1_own`; so always for a group of one sample), a
+group without samples (kernels only), a zero-norm row in NC2, std with
+ddof >= the number of values. The jitted kernels cannot raise: non-finite features give NaN
 metrics, and rows whose label is outside [0, K) or group outside [0, G) are
 padding, left out of everything. `compute` checks its input and raises
 `DataError` instead.
@@ -46,16 +47,24 @@ any variant needs, and keeps per-group P x P moments of the projections: two
 passes over the rows, O(N D (J + 2K)). The streaming path cannot know the final
 means while it reads, so it keeps the full D x D within-cell scatter per group
 and merges batches with the parallel update of Chan, Golub & LeVeque (1982);
-distances to the final means (nc1_dist, nc4) need a second pass.
+distances to the final means (nc1_dist, nc4) need a second pass. (A second
+pass could also project instead; keeping the first self-sufficient lets a
+loop measure NC1-NC3 in one pass and skip the second.)
 
-Numerics. Features are shifted by a reference row block and centred on their
-cell means before any product, so nothing is computed as E[hh^T] - mu mu^T.
-Products over D run in the feature dtype with HIGHEST precision on row chunks
-(fast on every backend); sums over rows and all small algebra run in float64
-when x64 is enabled, else float32. `compute` and `compute_streaming` enable x64
-only inside their own call (`jax.enable_x64` context, jax >= 0.8, also 0.12),
-so the training program stays float32; `make_metrics_fn` follows whatever the
-caller has enabled.
+Numerics. Rows are shifted by a reference point (the mean of the first rows)
+and centred on their cell means before any product, so nothing is computed as
+E[hh^T] - mu mu^T and float32 keeps its precision when the spread is tiny next
+to the mean. Sums over rows (means, moments, distances) run in the accumulator
+dtype: float64 when x64 is enabled, else float32. Products over D (projections,
+logits, |h - m|^2) and the streaming path's per-chunk D x D scatter run in the
+feature dtype with HIGHEST precision (never TF32/bf16); their rounding is
+random across rows and averages out (float32 features agree with a float64
+reference to ~2e-8 relative on the benchmark). `compute` and
+`compute_streaming` enable x64 only inside their own call
+(`jax.enable_x64(True)` as a context manager: jax >= 0.8, including 0.10 and
+0.12; `jax.experimental.enable_x64` before), so the training program stays
+float32; float64 features there take the exact float64 path.
+`make_metrics_fn` follows whatever x64 setting its caller runs under.
 """
 
 from __future__ import annotations
@@ -690,7 +699,9 @@ def compute(
       `nc1_own/g{a}` for each distinct value a.
     centers: K x D class means to measure around (e.g. the train means for
       test features); default the class means of `feats`.
-    global_mean: "unweighted" (mean of class means, Papyan) or "sample".
+    global_mean: "unweighted" (mean of class means, Papyan) or "sample"
+      (class means weighted by the class counts of `labels`, also when
+      `centers` are given). Log which one was used.
     ddof: delta degrees of freedom of the NC2 standard deviations.
 
   Returns:
@@ -788,7 +799,9 @@ def compute_streaming(
     dist = None
     if second_pass:
       for feats, labels, groups in _checked_batches(batches(), k, d, num_groups):
-        s = _jit_distance_stats(feats, labels, groups, stats, w, b, centers, global_mean=global_mean)
+        s = _jit_distance_stats(
+            feats, labels, groups, stats, w, b, centers, global_mean=global_mean
+        )
         dist = s if dist is None else _jit_merge(dist, s)
     out = _jit_metrics_from_stats(
         stats, w, distances=dist, centers=centers, global_mean=global_mean, ddof=int(ddof)
@@ -810,7 +823,10 @@ def _checked_batches(it: Iterable[tuple], k: int, d: int, g: int):
       raise DataError(f"batch {i}: features contain NaN or inf")
     labels = _int_vector(batch[1], n, f"batch {i} labels", 0, k)
     groups = None if len(batch) == 2 or batch[2] is None else batch[2]
-    groups = np.zeros(n, np.int32) if groups is None else _int_vector(groups, n, f"batch {i} groups", 0, g)
+    if groups is None:
+      groups = np.zeros(n, np.int32)
+    else:
+      groups = _int_vector(groups, n, f"batch {i} groups", 0, g)
     yield feats, labels, groups
 
 

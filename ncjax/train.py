@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ncjax import checkpoints, input_pipeline, metric_writers, resnet
+from ncjax import checkpoints, input_pipeline, metric_writers, neural_collapse, resnet
 from ncjax import members as members_lib
 from ncjax import workdir as workdir_lib
 from ncjax.errors import ConfigError, NcjaxError
@@ -233,6 +233,40 @@ def split_metrics(logits, labels, groups, valid, *, num_groups: int) -> dict[str
   return out
 
 
+def class_means(feats, labels, valid, *, num_classes: int = 2) -> jax.Array:
+  """K x D means of the valid rows per label (the train centres)."""
+  onehot = jax.nn.one_hot(jnp.where(valid, labels, -1), num_classes, dtype=feats.dtype)
+  sums = jnp.einsum("nk,nd->kd", onehot, feats, precision=jax.lax.Precision.HIGHEST)
+  return sums / jnp.sum(onehot, axis=0)[:, None]
+
+
+def nc_metrics(
+    feats, labels, groups, valid, w, b, centers, flipped, *, num_groups: int
+) -> dict[str, jax.Array]:
+  """NC1-4 (SPEC section 5) of one split, plus `flipped_near_true` on train.
+
+  `centers` are the class means to measure around (None: this split's own);
+  `flipped` marks the member's flipped samples (None: not measured).
+  """
+  labels = jnp.where(valid, labels, -1)  # padding rows are ignored
+  fn = neural_collapse.make_metrics_fn(num_classes=w.shape[0], num_groups=num_groups)
+  out = fn(feats, labels, groups, w, b, centers)
+  if flipped is not None:
+    out["flipped_near_true"] = neural_collapse.flipped_near_true_kernel(
+        feats, labels, flipped & valid
+    )
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _nc_fns(num_groups: int):
+  """Jitted NC functions, shared by every run of a process (one compile)."""
+  return (
+      jax.jit(functools.partial(nc_metrics, num_groups=num_groups)),
+      jax.jit(class_means),
+  )
+
+
 # ------------------------------------------------------------------- the loop
 
 
@@ -295,8 +329,13 @@ def _check_finite(records, epoch: int) -> None:
         )
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config, workdir: str, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
   """Trains all members of `config` in `workdir`, resuming if possible.
+
+  `overrides` (the command-line `--config.*` values) are recorded with the
+  config in the workdir.
 
   Returns a summary: per member the early-stopping epoch, and timings.
   """
@@ -316,7 +355,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   validate(config, num_train)
   resumed = workdir_lib.check_config(workdir, config)
   workdir_lib.check_writable(workdir)
-  workdir_lib.write_config(workdir, config)
+  workdir_lib.write_config(workdir, config, overrides)
 
   mesh = make_mesh()
   replicated = jax.NamedSharding(mesh, jax.P())
@@ -372,6 +411,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       static_argnames=("chunk",),
   )
   metrics_fn = jax.jit(functools.partial(split_metrics, num_groups=num_groups))
+  nc_fn, means_fn = _nc_fns(num_groups)
+  flipped_dev = {
+      m.name: jax.device_put(input_pipeline.pad_rows(flipped[m.name]["train"], dev["train"].chunk), replicated)
+      for m in members
+      if flipped[m.name]["train"].any()
+  }
 
   # ---- state: fresh, or restored from the latest checkpoint
   init_fn = make_init_fn(model, tx, image_shape)
@@ -395,7 +440,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer.truncate_after(start_epoch)
 
   # ---- epoch loop
-  timings = {"train": 0.0, "eval": 0.0, "checkpoint": 0.0}
+  timings = {"train": 0.0, "eval": 0.0, "nc": 0.0, "checkpoint": 0.0}
   progress = _progress(config, start_epoch)
   for epoch in range(start_epoch + 1, config.epochs + 1):
     t0 = time.perf_counter()
@@ -405,10 +450,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     )
     jax.block_until_ready(states)
     t1 = time.perf_counter()
+    with_nc = epoch % config.nc.every == 0 or epoch == config.epochs
     records = []
     for m in members:
       records += _evaluate_member(
-          m, epoch, states[m.name].variables, dev, labels[m.name], eval_fn, metrics_fn
+          m, epoch, states[m.name].variables, dev, labels[m.name], eval_fn, metrics_fn,
+          (nc_fn, means_fn, flipped_dev.get(m.name)) if with_nc else None, timings,
       )
     for r in records:
       if r["split"] == "train":
@@ -512,11 +559,32 @@ def _train_epoch(step_fn, perm_fn, strategy, states, data_keys, labels, images, 
   return states, {n: {k: float(v) / steps for k, v in s.items()} for n, s in sums.items()}
 
 
-def _evaluate_member(member, epoch, variables, dev, labels, eval_fn, metrics_fn):
-  records = []
+def _evaluate_member(member, epoch, variables, dev, labels, eval_fn, metrics_fn, nc, timings):
+  """Records of one member at one epoch; NC metrics if `nc` is given."""
+  outputs = {split: _predict(eval_fn, variables, d) for split, d in dev.items()}
+  records, results = [], {}
   for split, d in dev.items():
-    logits, feats = _predict(eval_fn, variables, d)
-    metrics = jax.device_get(metrics_fn(logits, labels[split], d.groups, d.valid))
+    logits, _ = outputs[split]
+    results[split] = metrics_fn(logits, labels[split], d.groups, d.valid)
+  if nc is not None:
+    t0 = time.perf_counter()
+    nc_fn, means_fn, flipped = nc
+    w = variables["params"]["fc"]["kernel"].T  # K x D
+    b = variables["params"]["fc"]["bias"]
+    train_feats = outputs["train"][1]
+    centers = means_fn(train_feats, labels["train"], dev["train"].valid)
+    for split, d in dev.items():
+      results[split].update(
+          nc_fn(
+              outputs[split][1], labels[split], d.groups, d.valid, w, b,
+              None if split == "train" else centers,
+              flipped if split == "train" else None,
+          )
+      )
+    jax.block_until_ready(results)
+    timings["nc"] += time.perf_counter() - t0
+  results = jax.device_get(results)
+  for split in dev:
     record = {
         "epoch": epoch,
         "member": member.name,
@@ -524,7 +592,7 @@ def _evaluate_member(member, epoch, variables, dev, labels, eval_fn, metrics_fn)
         "bias_rate": member.bias_rate,
         "split": split,
     }
-    record.update({k: float(v) for k, v in metrics.items()})
+    record.update({k: float(v) for k, v in results[split].items()})
     records.append(record)
   return records
 

@@ -41,7 +41,8 @@ def reference(feats, labels, w, b, groups=None, centers=None, global_mean="unwei
   k = w.shape[0]
 
   def class_means(hh, yy):
-    return np.stack([hh[yy == c].mean(0) if np.any(yy == c) else np.full(d, np.nan) for c in range(k)])
+    nan = np.full(d, np.nan)
+    return np.stack([hh[yy == c].mean(0) if np.any(yy == c) else nan for c in range(k)])
 
   def global_of(mu, yy):
     if global_mean == "unweighted":
@@ -74,7 +75,9 @@ def reference(feats, labels, w, b, groups=None, centers=None, global_mean="unwei
   out = {"nc1": _ref_nc1(sw, mu, mu_g), "nc1_trace": np.trace(sw) / np.trace(m.T @ m / k)}
   var = [np.mean(np.sum((h[y == c] - mu[c]) ** 2, 1)) for c in range(k)]
   pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-  out["nc1_cdnv"] = np.mean([(var[i] + var[j]) / (2 * np.sum((mu[i] - mu[j]) ** 2)) for i, j in pairs])
+  out["nc1_cdnv"] = np.mean(
+      [(var[i] + var[j]) / (2 * np.sum((mu[i] - mu[j]) ** 2)) for i, j in pairs]
+  )
   dist = np.array([np.linalg.norm(h[i] - mu[y[i]]) for i in range(n)])
   out["nc1_dist"] = dist.mean()
   for name, mat in (("w", w), ("m", m)):
@@ -150,6 +153,14 @@ def test_b_noise_along_d():
   np.testing.assert_allclose(out["nc1_dist"], e, atol=ATOL)
   for key in ("nc2_equinorm_m", "nc2_equiangular_m", "nc2_maxangle_m", "nc2_etf_m"):
     assert abs(out[key]) < ATOL, key
+
+
+def test_compute_uses_float64_without_enabling_x64_globally():
+  x = np.array([[0.0], [1e-9], [1.0], [1.0 + 3e-9]])
+  out = _two_class(x, [0, 0, 1, 1], w=[(-1.0,), (1.0,)])
+  tr_w = 2 * (0.5e-9**2 + 1.5e-9**2) / 4  # float32 would give 0 or noise
+  np.testing.assert_allclose(out["nc1_trace"], tr_w / 0.25, rtol=1e-6)
+  assert jnp.ones(1).dtype == jnp.float32 and not jax.config.jax_enable_x64
 
 
 def test_c_noise_orthogonal_to_d_is_invisible_to_nc1():
@@ -241,7 +252,8 @@ def float32_problem():
   rng = np.random.default_rng(2)
   n, d = 1 << 15, 4
   labels = rng.integers(0, 2, n)
-  feats = 3.0 + np.where(labels[:, None] == 0, -0.2, 0.2) * np.eye(1, d) + 0.3 * rng.standard_normal((n, d))
+  offset = np.where(labels[:, None] == 0, -0.2, 0.2) * np.eye(1, d)
+  feats = 3.0 + offset + 0.3 * rng.standard_normal((n, d))
   return feats.astype(np.float32), labels, rng.standard_normal((2, d)), rng.standard_normal(2)
 
 
@@ -278,7 +290,8 @@ def test_group_values_name_the_keys():
 
 
 def _batches(feats, labels, groups, size):
-  return lambda: ((feats[i : i + size], labels[i : i + size], groups[i : i + size]) for i in range(0, len(labels), size))
+  starts = range(0, len(labels), size)
+  return lambda: ((feats[i : i + size], labels[i : i + size], groups[i : i + size]) for i in starts)
 
 
 def test_streaming_equals_in_memory():
@@ -363,7 +376,8 @@ def test_float32_collapsed_features_are_stable_without_x64():
   n, d = 3000, 8
   labels = rng.integers(0, 2, n)
   groups = rng.integers(0, 2, n)
-  feats64 = 100.0 + 0.02 * np.where(labels[:, None] == 0, -1, 1) * np.eye(1, d) + 0.01 * rng.standard_normal((n, d))
+  offset = 0.02 * np.where(labels[:, None] == 0, -1, 1) * np.eye(1, d)
+  feats64 = 100.0 + offset + 0.01 * rng.standard_normal((n, d))
   feats = feats64.astype(np.float32)
   w, b = rng.standard_normal((2, d)), rng.standard_normal(2)
   raw_var = (feats**2).mean(0, dtype=np.float32) - feats.mean(0, dtype=np.float32) ** 2
@@ -372,7 +386,10 @@ def test_float32_collapsed_features_are_stable_without_x64():
   got = jax.device_get(fn(feats, labels, groups, w.astype(np.float32), b.astype(np.float32)))
   assert got["nc1"].dtype == np.float32
   want = reference(feats.astype(np.float64), labels, w, b, groups)
-  for key in ("nc1", "nc1_trace", "nc1_cdnv", "nc1_dist", "nc1/g0", "nc1/g1", "nc1_own/g0", "nc1_own/g1"):
+  keys = ("nc1", "nc1_trace", "nc1_cdnv", "nc1_dist") + tuple(
+      f"{key}/g{a}" for key in ("nc1", "nc1_own") for a in (0, 1)
+  )
+  for key in keys:
     assert got[key] > 0, key
     np.testing.assert_allclose(got[key], want[key], rtol=1e-3, err_msg=key)
 
