@@ -84,6 +84,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.mean = (0.5,)
   config.dataset.std = (0.06,)
 
+  # On-device augmentation (SPEC section 4); the synthetic benchmark has none.
+  config.augment = ml_collections.ConfigDict()
+  config.augment.enabled = False
+  config.augment.out_size = 224  # random-resized-crop / centre-crop size
+  config.augment.resize = 256  # eval: short side before the centre crop
+  config.augment.scale = (0.08, 1.0)
+  config.augment.ratio = (3 / 4, 4 / 3)
+  config.augment.degrees = 15.0
+
   # What the model predicts: 'label' (disease) or an attribute name (the
   # subgroup-separability models).
   config.target = "label"

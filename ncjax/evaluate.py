@@ -41,7 +41,7 @@ def _member_info(workdir: str) -> dict[str, Any]:
 def features_and_logits(config, variables, images: np.ndarray, *, chunk: int = 1024):
   """Eval-mode (logits N x 2, features N x D of `config.nc.layer`) on host."""
   model = train.create_model(config)
-  apply = _apply_fn(model, config.nc.layer, tuple(config.dataset.mean), tuple(config.dataset.std))
+  apply = _apply_fn(model, config.nc.layer, train.make_preprocess(config)[1])
   logits, feats = [], []
   for start in range(0, len(images), chunk):
     lo, fe = apply(variables, images[start : start + chunk])
@@ -51,10 +51,12 @@ def features_and_logits(config, variables, images: np.ndarray, *, chunk: int = 1
 
 
 @functools.lru_cache(maxsize=8)
-def _apply_fn(model, layer, mean, std):
+def _apply_fn(model, layer, preprocess):
+  """One jitted eval apply per (model, layer, preprocessing)."""
+
   @jax.jit
   def apply(variables, images):
-    x = input_pipeline.normalize(images, mean, std)
+    x = preprocess(images)
     logits, feats = model.apply(variables, x, train=False)
     return logits, feats[layer].reshape(x.shape[0], -1)
 

@@ -65,9 +65,11 @@ def main(argv, config_flag) -> int:
     return 2
   minutes, seconds = divmod(time.perf_counter() - t0, 60)
   print(f"results in {workdir} (metrics.jsonl, checkpoints/, tensorboard/)")
+  t = summary["seconds"]
   print(
-      f"wall time {int(minutes)} min {seconds:.1f} s "
-      f"(train {summary['seconds']['train']:.1f} s, eval {summary['seconds']['eval']:.1f} s)"
+      f"wall time {int(minutes)} min {seconds:.1f} s (train {t['train']:.1f} s, "
+      f"eval {t['eval']:.1f} s of which NC metrics {t['nc']:.1f} s = "
+      f"{100 * t['nc'] / max(t['train'], 1e-9):.0f}% of the training time)"
   )
   return 0
 

@@ -23,10 +23,10 @@ class Member:
   def name(self) -> str:
     return f"seed{self.seed}_bias{self.bias_rate:g}"
 
-  def keys(self) -> tuple[jax.Array, jax.Array]:
-    """(init key, data-order key), independent of the bias rate."""
-    init_key, data_key = jax.random.split(jax.random.key(self.seed))
-    return init_key, data_key
+  def keys(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(init, data-order, augmentation) keys, independent of the bias rate."""
+    init_key, data_key, aug_key = jax.random.split(jax.random.key(self.seed), 3)
+    return init_key, data_key, aug_key
 
 
 def from_config(config) -> list[Member]:

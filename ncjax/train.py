@@ -97,6 +97,36 @@ def create_optimizer(config) -> optax.GradientTransformation:
   )
 
 
+def make_preprocess(config):
+  """(train fn(images, key), eval fn(images)): uint8 batches -> model input.
+
+  With `augment.enabled` the train transform is SPEC section 4's random
+  resized crop + rotation and eval resizes and centre-crops (`ncjax.augment`,
+  on device); otherwise both only normalise. The same config gives the same
+  function objects, so jitted users compile once per process.
+  """
+  aug = config.augment
+  return _preprocess_fns(
+      tuple(config.dataset.mean), tuple(config.dataset.std), bool(aug.enabled),
+      int(aug.out_size), int(aug.resize), tuple(aug.scale), tuple(aug.ratio),
+      float(aug.degrees),
+  )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)
+def _preprocess_fns(mean, std, enabled, out_size, resize, scale, ratio, degrees):
+  if not enabled:
+    normalize = functools.partial(input_pipeline.normalize, mean=mean, std=std)
+    return (lambda images, key: normalize(images)), normalize
+  from ncjax import augment  # pylint: disable=import-outside-toplevel
+
+  transform = augment.Augmentation(
+      enabled=True, out_size=out_size, resize=resize, scale=scale, ratio=ratio,
+      degrees=degrees, mean=mean, std=std,
+  )  # fmt: skip
+  return transform.train, transform.eval
+
+
 class TrainState(flax.struct.PyTreeNode):
   step: jax.Array  # int32 scalar: optimizer steps taken
   params: Any
@@ -160,23 +190,25 @@ def train_step(
     state: TrainState,
     perm_N: jax.Array,
     labels_N: jax.Array,
+    aug_key: jax.Array,
     images_N: jax.Array,
     *,
     model,
     tx,
     batch_size: int,
     steps_per_epoch: int,
-    preprocess: Callable[[jax.Array], jax.Array],
+    preprocess: Callable[[jax.Array, jax.Array], jax.Array],
     batch_sharding,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step of one member; pure, so it jits and vmaps.
 
   The batch is rows `perm_N[i * B:(i + 1) * B]` of the resident split, with i
-  the step within the epoch.
+  the step within the epoch, augmented with a key derived from the step.
   """
   i = state.step % steps_per_epoch
   idx = jax.lax.dynamic_slice_in_dim(perm_N, i * batch_size, batch_size)
-  x, y = preprocess(images_N[idx]), labels_N[idx]
+  key = jax.random.fold_in(aug_key, state.step)
+  x, y = preprocess(images_N[idx], key), labels_N[idx]
   if batch_sharding is not None:
     x = jax.lax.with_sharding_constraint(x, batch_sharding)
   # Without the barrier XLA:CPU fuses the gather into the first convolution
@@ -378,9 +410,7 @@ def train_and_evaluate(
   _write_run_info(workdir, config, members, splits, flipped, image_shape, num_groups)
 
   # ---- model, compiled steps
-  preprocess = functools.partial(
-      input_pipeline.normalize, mean=config.dataset.mean, std=config.dataset.std
-  )
+  train_preprocess, preprocess = make_preprocess(config)
   steps_per_epoch = num_train // config.batch_size
   step = functools.partial(
       train_step,
@@ -388,7 +418,7 @@ def train_and_evaluate(
       tx=tx,
       batch_size=config.batch_size,
       steps_per_epoch=steps_per_epoch,
-      preprocess=preprocess,
+      preprocess=train_preprocess,
       batch_sharding=batch_sharding,
   )
   perm = functools.partial(
@@ -398,7 +428,7 @@ def train_and_evaluate(
     step_fn = jax.jit(step, donate_argnums=0)
     perm_fn = jax.jit(perm)
   else:
-    step_fn = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None)), donate_argnums=0)
+    step_fn = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, 0, None)), donate_argnums=0)
     perm_fn = jax.jit(jax.vmap(perm))
   eval_fn = jax.jit(
       functools.partial(
@@ -422,6 +452,7 @@ def train_and_evaluate(
   init_fn = make_init_fn(model, tx, image_shape)
   states = {m.name: jax.device_put(init_fn(m.keys()[0]), replicated) for m in members}
   data_keys = {m.name: m.keys()[1] for m in members}
+  aug_keys = {m.name: m.keys()[2] for m in members}
   early = {m.name: EarlyStopping() for m in members}
   early_vars = {m.name: _copy(states[m.name].variables) for m in members}
 
@@ -445,8 +476,8 @@ def train_and_evaluate(
   for epoch in range(start_epoch + 1, config.epochs + 1):
     t0 = time.perf_counter()
     states, batch_metrics = _train_epoch(
-        step_fn, perm_fn, strategy, states, data_keys, labels, dev["train"].images,
-        steps_per_epoch,
+        step_fn, perm_fn, strategy, states, data_keys, aug_keys, labels,
+        dev["train"].images, steps_per_epoch,
     )
     jax.block_until_ready(states)
     t1 = time.perf_counter()
@@ -531,17 +562,17 @@ def _early_update(es: EarlyStopping, val_loss: float, epoch: int, config) -> Ear
   return es.replace(bad_epochs=bad, stopped=bad >= config.early_stopping.patience)
 
 
-def _train_epoch(step_fn, perm_fn, strategy, states, data_keys, labels, images, steps):
+def _train_epoch(step_fn, perm_fn, strategy, states, data_keys, aug_keys, labels, images, steps):
   """One epoch of every member; returns states and mean batch metrics."""
   names = list(states)
   if strategy == "loop":
     sums = {}
     for name in names:
-      state, labels_N = states[name], labels[name]["train"]
+      state, labels_N, aug_key = states[name], labels[name]["train"], aug_keys[name]
       perm_N = perm_fn(state, data_keys[name])
       total = None
       for _ in range(steps):
-        state, metrics = step_fn(state, perm_N, labels_N, images)
+        state, metrics = step_fn(state, perm_N, labels_N, aug_key, images)
         total = metrics if total is None else jax.tree.map(jnp.add, total, metrics)
       states[name] = state
       sums[name] = total
@@ -549,9 +580,10 @@ def _train_epoch(step_fn, perm_fn, strategy, states, data_keys, labels, images, 
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(states[n] for n in names))
     perm_MN = perm_fn(stacked, jnp.stack([data_keys[n] for n in names]))
     labels_MN = jnp.stack([labels[n]["train"] for n in names])
+    aug_M = jnp.stack([aug_keys[n] for n in names])
     total = None
     for _ in range(steps):
-      stacked, metrics = step_fn(stacked, perm_MN, labels_MN, images)
+      stacked, metrics = step_fn(stacked, perm_MN, labels_MN, aug_M, images)
       total = metrics if total is None else jax.tree.map(jnp.add, total, metrics)
     states = {n: jax.tree.map(lambda x, i=i: x[i], stacked) for i, n in enumerate(names)}
     sums = {n: jax.tree.map(lambda x, i=i: x[i], total) for i, n in enumerate(names)}
@@ -567,6 +599,7 @@ def _evaluate_member(member, epoch, variables, dev, labels, eval_fn, metrics_fn,
     logits, _ = outputs[split]
     results[split] = metrics_fn(logits, labels[split], d.groups, d.valid)
   if nc is not None:
+    jax.block_until_ready((outputs, results))  # time NC alone, not the forwards
     t0 = time.perf_counter()
     nc_fn, means_fn, flipped = nc
     w = variables["params"]["fc"]["kernel"].T  # K x D

@@ -229,3 +229,40 @@ def test_no_tensorflow_is_imported():
   )
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-1000:]
+
+
+def test_logged_nc_metrics_equal_compute_on_restored_features(tiny_run):
+  """Final-epoch train/test NC in metrics.jsonl == float64 `compute` on the
+  eval-mode features of the final checkpoint (train centres for test)."""
+  from ncjax import evaluate, neural_collapse  # pylint: disable=import-outside-toplevel
+
+  config, workdir, _ = tiny_run
+  member = "seed1_bias0.25"
+  variables = checkpoints.restore_stage(workdir, member, "final")
+  splits = input_pipeline.load(config)
+  m = members.Member(1, 0.25)
+  train_labels, flipped = input_pipeline.member_labels(splits, m, config)["train"]
+  feats = {
+      s: evaluate.features_and_logits(config, variables, splits[s].images)[1].astype(np.float64)
+      for s in ("train", "test")
+  }
+  w = np.asarray(variables["params"]["fc"]["kernel"], np.float64).T
+  b = np.asarray(variables["params"]["fc"]["bias"], np.float64)
+  logged = _by_key(_records(workdir))
+  want_train = neural_collapse.compute(feats["train"], train_labels, w, b, splits["train"].groups)
+  centers = np.stack([feats["train"][train_labels == c].mean(0) for c in (0, 1)])
+  want_test = neural_collapse.compute(
+      feats["test"], splits["test"].labels, w, b, splits["test"].groups, centers=centers
+  )
+  for split, want in (("train", want_train), ("test", want_test)):
+    got = logged[(config.epochs, member, split)]
+    for key in ("nc1", "nc1_trace", "nc1_dist", "nc2_etf_w", "nc3", "nc4", "nc1/g1", "nc1_own/g0"):
+      assert got[key] == pytest.approx(want[key], rel=2e-3, abs=1e-5), (split, key)
+  # flipped_near_true, recomputed plainly in numpy.
+  f = feats["train"]
+  mu0, mu1 = (f[train_labels == c].mean(0) for c in (0, 1))
+  near = np.linalg.norm(f - mu1, axis=1) < np.linalg.norm(f - mu0, axis=1)
+  assert flipped.any()
+  assert logged[(config.epochs, member, "train")]["flipped_near_true"] == pytest.approx(
+      near[flipped].mean(), abs=1e-6
+  )
