@@ -48,7 +48,8 @@ def _builder_kwargs(config) -> dict:
     from ncjax.datasets import synthetic  # pylint: disable=import-outside-toplevel
 
     return {"params": synthetic.SyntheticParams.from_config(config.dataset.synthetic)}
-  return {}
+  size = tuple(config.dataset.get("image_size", ()))
+  return {"image_size": size} if size else {}
 
 
 def load(config) -> dict[str, HostSplit]:

@@ -49,7 +49,7 @@ def main(argv, config_flag) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so that --help is fast.
-  from ncjax import train  # pylint: disable=import-outside-toplevel
+  from ncjax import study, train  # pylint: disable=import-outside-toplevel
   from ncjax.errors import NcjaxError  # pylint: disable=import-outside-toplevel
 
   # Orbax and TFDS log every file they write at INFO.
@@ -59,18 +59,25 @@ def main(argv, config_flag) -> int:
   try:
     config = config_flag.value
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    summary = train.train_and_evaluate(config, workdir, overrides)
+    if config.study.combos:
+      result = study.run(config, workdir, overrides)
+    else:
+      result = train.train_and_evaluate(config, workdir, overrides)
   except NcjaxError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   minutes, seconds = divmod(time.perf_counter() - t0, 60)
-  print(f"results in {workdir} (metrics.jsonl, checkpoints/, tensorboard/)")
-  t = summary["seconds"]
-  print(
-      f"wall time {int(minutes)} min {seconds:.1f} s (train {t['train']:.1f} s, "
-      f"eval {t['eval']:.1f} s of which NC metrics {t['nc']:.1f} s = "
-      f"{100 * t['nc'] / max(t['train'], 1e-9):.0f}% of the training time)"
-  )
+  if config.study.combos:
+    print(f"report: {result['report']}")
+    print(f"results in {workdir} (summary.json, report/, combos/, separability/)")
+  else:
+    t = result["seconds"]
+    print(f"results in {workdir} (metrics.jsonl, checkpoints/, tensorboard/)")
+    print(
+        f"train {t['train']:.1f} s, eval {t['eval']:.1f} s, of which NC metrics "
+        f"{t['nc']:.1f} s = {100 * t['nc'] / max(t['train'], 1e-9):.0f}% of the training time"
+    )
+  print(f"wall time {int(minutes)} min {seconds:.1f} s")
   return 0
 
 

@@ -155,6 +155,22 @@ def make_init_fn(model, tx, image_shape) -> Callable[[jax.Array], TrainState]:
   return init
 
 
+def _pretrained(init_fn, model, tx, path: str):
+  """init_fn with torchvision weights (ImageNet) put in; fresh 2-class head."""
+  from ncjax import torchvision_weights  # pylint: disable=import-outside-toplevel
+
+  state_dict = torchvision_weights.load_state_dict(path)
+
+  def init(key):
+    state = init_fn(key)
+    v = torchvision_weights.init_from(state_dict, model, state.variables)
+    return state.replace(
+        params=v["params"], batch_stats=v["batch_stats"], opt_state=tx.init(v["params"])
+    )
+
+  return init
+
+
 def init_state(model, tx, key, image_shape) -> TrainState:
   return make_init_fn(model, tx, image_shape)(key)
 
@@ -275,18 +291,19 @@ def class_means(feats, labels, valid, *, num_classes: int = 2) -> jax.Array:
 def nc_metrics(
     feats, labels, groups, valid, w, b, centers, flipped, *, num_groups: int
 ) -> dict[str, jax.Array]:
-  """NC1-4 (SPEC section 5) of one split, plus `flipped_near_true` on train.
+  """NC1-4 (SPEC section 5) of one split around `centers`, and the fraction
+  of `flipped` samples nearer the positive class mean (NaN if none).
 
-  `centers` are the class means to measure around (None: this split's own);
-  `flipped` marks the member's flipped samples (None: not measured).
+  Every split goes through this one signature (train passes its own class
+  means and its flip mask, val/test the train means and no flips), so XLA
+  compiles it once per split size.
   """
   labels = jnp.where(valid, labels, -1)  # padding rows are ignored
   fn = neural_collapse.make_metrics_fn(num_classes=w.shape[0], num_groups=num_groups)
   out = fn(feats, labels, groups, w, b, centers)
-  if flipped is not None:
-    out["flipped_near_true"] = neural_collapse.flipped_near_true_kernel(
-        feats, labels, flipped & valid
-    )
+  out["flipped_near_true"] = neural_collapse.flipped_near_true_kernel(
+      feats, labels, flipped & valid
+  )
   return out
 
 
@@ -443,13 +460,17 @@ def train_and_evaluate(
   metrics_fn = jax.jit(functools.partial(split_metrics, num_groups=num_groups))
   nc_fn, means_fn = _nc_fns(num_groups)
   flipped_dev = {
-      m.name: jax.device_put(input_pipeline.pad_rows(flipped[m.name]["train"], dev["train"].chunk), replicated)
+      m.name: {
+          k: jax.device_put(input_pipeline.pad_rows(mask, dev[k].chunk), replicated)
+          for k, mask in flipped[m.name].items()
+      }
       for m in members
-      if flipped[m.name]["train"].any()
   }
 
   # ---- state: fresh, or restored from the latest checkpoint
   init_fn = make_init_fn(model, tx, image_shape)
+  if config.model.init_from:
+    init_fn = _pretrained(init_fn, model, tx, config.model.init_from)
   states = {m.name: jax.device_put(init_fn(m.keys()[0]), replicated) for m in members}
   data_keys = {m.name: m.keys()[1] for m in members}
   aug_keys = {m.name: m.keys()[2] for m in members}
@@ -457,9 +478,18 @@ def train_and_evaluate(
   early_vars = {m.name: _copy(states[m.name].variables) for m in members}
 
   latest = checkpoints.LatestCheckpoint(workdir)
+  last = latest.latest_epoch() if resumed else None
+  summary_path = os.path.join(workdir, "train_summary.json")
+  if (
+      last == config.epochs
+      and os.path.exists(summary_path)
+      and checkpoints.stages_complete(workdir, [m.name for m in members])
+  ):
+    latest.close()
+    with open(summary_path) as f:
+      return json.load(f)  # finished earlier: nothing to redo
   writer = metric_writers.MetricWriter(workdir)
   start_epoch = 0
-  last = latest.latest_epoch() if resumed else None
   if last is not None:
     restored, meta = latest.restore(
         last, {"states": states, "early": early_vars}
@@ -486,7 +516,7 @@ def train_and_evaluate(
     for m in members:
       records += _evaluate_member(
           m, epoch, states[m.name].variables, dev, labels[m.name], eval_fn, metrics_fn,
-          (nc_fn, means_fn, flipped_dev.get(m.name)) if with_nc else None, timings,
+          (nc_fn, means_fn, flipped_dev[m.name]) if with_nc else None, timings,
       )
     for r in records:
       if r["split"] == "train":
@@ -534,7 +564,7 @@ def train_and_evaluate(
       "wall_seconds": round(time.perf_counter() - t_start, 3),
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "train_summary.json"), "w") as f:
+    with open(summary_path, "w") as f:
       json.dump(summary, f, indent=2)
   return summary
 
@@ -607,17 +637,18 @@ def _evaluate_member(member, epoch, variables, dev, labels, eval_fn, metrics_fn,
     train_feats = outputs["train"][1]
     centers = means_fn(train_feats, labels["train"], dev["train"].valid)
     for split, d in dev.items():
+      # Flips are only measured on train (validation has flips too, but the
+      # paper's Fig. 1 follows the samples the model is fitted to).
+      mask = flipped["train"] if split == "train" else jnp.zeros_like(d.valid)
       results[split].update(
-          nc_fn(
-              outputs[split][1], labels[split], d.groups, d.valid, w, b,
-              None if split == "train" else centers,
-              flipped if split == "train" else None,
-          )
+          nc_fn(outputs[split][1], labels[split], d.groups, d.valid, w, b, centers, mask)
       )
     jax.block_until_ready(results)
     timings["nc"] += time.perf_counter() - t0
   results = jax.device_get(results)
   for split in dev:
+    if split != "train" or not member.bias_rate:
+      results[split].pop("flipped_near_true", None)
     record = {
         "epoch": epoch,
         "member": member.name,

@@ -12,9 +12,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "configs"))  # `import synthetic` works too
 
-import synthetic as synthetic_config  # noqa: E402  pylint: disable=wrong-import-position
+from configs import synthetic as synthetic_config  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from ncjax import datasets
 from ncjax.datasets import synthetic
 from ncjax.errors import ConfigError
 
-import synthetic as synthetic_config  # configs/synthetic.py (conftest path)
+from configs import synthetic as synthetic_config
 
 
 def _params(**overrides) -> synthetic.SyntheticParams:

@@ -146,6 +146,7 @@ def test_four_fake_devices_give_the_same_losses(tiny_run, tmp_path):
       [
           sys.executable, "-m", "ncjax.main", "--config=configs/synthetic.py:tiny",
           f"--config.dataset.data_dir={config.dataset.data_dir}", f"--workdir={out}",
+          "--config.study.combos=()",
       ],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
   )

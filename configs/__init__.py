@@ -1,0 +1,1 @@
+"""ml-collections configs: `get_config(arg)` per file."""

@@ -1,0 +1,141 @@
+"""The study driver: every combination trained, evaluated, then reported.
+
+A study config lists dataset-attribute combinations in `study.combos`. For
+each one the driver trains the disease members (seeds x bias rates) and, if
+`study.separability`, the subgroup-separability models (the same
+architecture trained on clean labels to predict the attribute), evaluates
+both at their early and final stages, then writes `summary.json` and the
+report:
+
+  WORKDIR/config.json
+  WORKDIR/combos/<dataset>-<attribute>/        a training workdir
+  WORKDIR/separability/<dataset>-<attribute>/  a training workdir
+  WORKDIR/summary.json, WORKDIR/report/
+
+Finished parts are not redone: a complete training run is skipped, an
+unfinished one resumes from its latest checkpoint, a complete evaluation is
+read back. A combination that fails (e.g. a non-finite loss) is reported and
+the others still run; the driver then fails naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+from typing import Any
+
+from ncjax import evaluate, train
+from ncjax import workdir as workdir_lib
+from ncjax.errors import ConfigError, NcjaxError
+
+
+_CONFIG_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"
+)
+
+
+class StudyError(NcjaxError):
+  """Some combinations of a study failed; the others finished."""
+
+
+def combos(config) -> list[tuple[str, str]]:
+  """(dataset, attribute) pairs of the study; one pair for a plain run."""
+  out = []
+  for entry in config.study.combos or (config.dataset.attribute,):
+    dataset, _, attribute = entry.rpartition(":")
+    out.append((dataset or config.dataset.name, attribute))
+  if len(set(out)) != len(out):
+    raise ConfigError(f"study.combos has duplicates: {list(config.study.combos)}")
+  return out
+
+
+def combo_name(dataset: str, attribute: str) -> str:
+  return f"{dataset}-{attribute}"
+
+
+# Study-level fields that apply to combinations of other datasets too.
+_SHARED_FIELDS = ("seeds", "bias", "model.init_from", "dataset.data_dir", "progress")
+
+
+def _dataset_config(config, dataset: str):
+  """`config` itself for its own dataset, else configs/<dataset>.py with the
+  study's shared fields."""
+  if dataset == config.dataset.name:
+    return copy.deepcopy(config)
+  path = os.path.join(_CONFIG_DIR, f"{dataset}.py")
+  if not os.path.exists(path):
+    raise ConfigError(f"study.combos names dataset {dataset!r} but {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"ncjax_study_config_{dataset}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for field in _SHARED_FIELDS:
+    *parents, leaf = field.split(".")
+    src, dst = config, c
+    for p in parents:
+      src, dst = src[p], dst[p]
+    dst[leaf] = copy.deepcopy(src[leaf])
+  c.study.combos = ()
+  return c
+
+
+def disease_config(config, dataset: str, attribute: str):
+  c = _dataset_config(config, dataset)
+  c.dataset.attribute = attribute
+  return c
+
+
+def separability_config(config, dataset: str, attribute: str):
+  """Clean models of the same architecture predicting the attribute."""
+  c = _dataset_config(config, dataset)
+  c.dataset.attribute = attribute
+  c.target = attribute
+  c.bias.rates = (0.0,)
+  c.epochs = config.study.separability_epochs
+  c.nc.every = c.epochs  # only the geometry of the last epoch is of interest
+  return c
+
+
+def run(config, workdir: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the whole study in `workdir` and writes the report."""
+  from ncjax import report, study_results  # pylint: disable=import-outside-toplevel
+
+  pairs = combos(config)
+  if config.study.separability and config.study.separability_epochs < 1:
+    raise ConfigError("study.separability_epochs must be >= 1")
+  workdir_lib.check_config(workdir, config)
+  workdir_lib.check_writable(workdir)
+  workdir_lib.write_config(workdir, config, overrides)
+
+  jobs = []
+  for dataset, attribute in pairs:
+    name = combo_name(dataset, attribute)
+    jobs.append(
+        (os.path.join(workdir, "combos", name), disease_config(config, dataset, attribute))
+    )
+    if config.study.separability:
+      jobs.append((
+          os.path.join(workdir, "separability", name),
+          separability_config(config, dataset, attribute),
+      ))  # fmt: skip
+  failures, timings = {}, {}
+  for i, (job_dir, job_config) in enumerate(jobs, start=1):
+    label = os.path.relpath(job_dir, workdir)
+    print(f"[{i}/{len(jobs)}] {label}", flush=True)
+    try:
+      summary = train.train_and_evaluate(job_config, job_dir)
+      evaluate.run(job_dir)
+      timings[label] = summary["wall_seconds"]
+    except NcjaxError as e:
+      logging.error("%s failed: %s", label, e)
+      failures[label] = str(e)
+  if failures:
+    raise StudyError(
+        f"{len(failures)} of {len(jobs)} runs failed: "
+        + "; ".join(f"{k}: {v}" for k, v in failures.items())
+    )
+  summary = study_results.write_summary(workdir)
+  report_path = report.write_report(workdir)
+  return {"summary": summary, "report": report_path, "seconds": timings}
