@@ -106,4 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.study.combos = ()
   config.study.separability = True  # train attribute models too
   config.study.separability_epochs = 200
+  # Runs trained at once in separate processes (CPU: up to the core count;
+  # one accelerator: 1).
+  config.study.workers = 1
   return config

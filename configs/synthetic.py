@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.study.combos = ("low", "medium", "high")
   config.study.separability_epochs = 15
+  config.study.workers = 2  # XLA:CPU trains these models on about one core
 
   if arg.tiny:
     config.dataset.synthetic.num_train = 128

@@ -39,7 +39,8 @@ GROUP_COLORS = ("tab:purple", "tab:green", "tab:brown", "tab:pink")
 # (split, key, file, y label, log y): Fig. 2 first, then the appendix.
 CURVE_FIGURES = (
     ("train", "nc1", "fig2_train_nc1.png", "train NC1", True),
-    ("train", "nc2_equinorm_w", "figA_train_nc2_equinorm_w.png", "train NC2: equinorm of W (std/mean)", True),
+    ("train", "nc2_equinorm_w", "figA_train_nc2_equinorm_w.png",
+     "train NC2: equinorm of W (std/mean)", True),
     ("train", "nc2_etf_w", "figA_train_nc2_etf_w.png", "train NC2: ETF-gram distance of W", True),
     ("train", "nc3", "figA_train_nc3.png", "train NC3 (self-duality)", True),
     ("train", "nc4", "figA_train_nc4.png", "train NC4 (fraction disagreeing)", False),
@@ -84,7 +85,8 @@ def _yes(flag: bool) -> str:
 def _grid(n: int, title: str, *, width: float = 4.3, height: float = 3.3):
   ncols = min(3, n)
   nrows = math.ceil(n / ncols)
-  fig = Figure(figsize=(width * ncols, height * nrows + 0.6), layout="constrained")
+  # At least 9 inches wide so that the title and the legend fit one panel.
+  fig = Figure(figsize=(max(9.0, width * ncols), height * nrows + 0.6), layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
   for ax in axes[n:]:
@@ -113,7 +115,9 @@ def _epoch_axis(ax, log: bool = False) -> None:
   if log:
     # Plain numbers at 1-2-5 steps instead of matplotlib's 4x10^1 minor labels.
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    lo, hi = ax.get_ylim()
+    subs = (1.0, 2.0, 5.0) if hi / lo > 20 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=subs))
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
   ax.grid(alpha=0.3)
@@ -132,7 +136,9 @@ def _legend(fig: Figure, axes) -> None:
         handles[lab] = h
         labels.append(lab)
   if labels:
-    fig.legend([handles[lab] for lab in labels], labels, loc="outside lower center", ncols=len(labels))
+    fig.legend(
+        [handles[lab] for lab in labels], labels, loc="outside lower center", ncols=len(labels)
+    )
 
 
 def curve_figure(summary, split: str, key: str, ylabel: str, log: bool, path: str) -> str | None:
@@ -141,9 +147,7 @@ def curve_figure(summary, split: str, key: str, ylabel: str, log: bool, path: st
   if not any(key in c["curves"].get(split, {}) for c in combos.values()):
     return None
   n_seeds = max(len(c["seeds"]) for c in combos.values())
-  fig, axes = _grid(
-      len(combos), f"{ylabel} per epoch (mean ± sd over {n_seeds} seeds)"
-  )
+  fig, axes = _grid(len(combos), f"{ylabel} per epoch (mean ± sd over {n_seeds} seeds)")
   for ax, (name, c) in zip(axes, combos.items(), strict=True):
     curve = c["curves"].get(split, {}).get(key)
     ax.set_title(name)
@@ -152,9 +156,10 @@ def curve_figure(summary, split: str, key: str, ylabel: str, log: bool, path: st
       ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
       continue
     means = np.asarray([_nan(v) for g in ("clean", "biased") for v in curve[g]["mean"]])
-    use_log = log and np.nanmin(means) > 0 if np.isfinite(means).any() else False
-    # NC metrics are >= 0; a log axis cannot show mean - sd <= 0 at all.
-    floor = 0.2 * np.nanmin(means) if use_log else 0.0
+    means = means[np.isfinite(means)]
+    use_log = log and means.size > 0 and means.min() > 0
+    # NC metrics are >= 0, and a log axis cannot show mean - sd <= 0 at all.
+    floor = 0.2 * means.min() if use_log else 0.0
     _band(ax, curve["epochs"], curve["clean"], CLEAN_STYLE, floor=floor)
     biased = dict(BIASED_STYLE, label=f"biased (rate {c['main_rate']:g})")
     _band(ax, curve["epochs"], curve["biased"], biased, floor=floor)
@@ -170,8 +175,8 @@ def fig1_flipped(summary, path: str) -> str | None:
   if not any("flipped_near_true" in c["curves"].get("train", {}) for c in combos.values()):
     return None
   fig, axes = _grid(
-      len(combos), "Flipped train samples nearer the true-class (positive) mean "
-      "(biased models; mean ± sd over seeds)",
+      len(combos), "Flipped train samples nearer their true-class mean "
+      "(biased models, mean ± sd over seeds)",
   )
   for ax, (name, c) in zip(axes, combos.items(), strict=True):
     curve = c["curves"]["train"].get("flipped_near_true")
@@ -180,12 +185,12 @@ def fig1_flipped(summary, path: str) -> str | None:
     ax.set_ylim(-0.02, 1.02)
     ax.axhline(0.5, color="0.3", linewidth=0.8, label="0.5")
     if curve:
-      rates = curve.get("by_rate", {rs: curve["biased"] for rs in [sr.rate_name(c["main_rate"])]})
-      biased_rates = [rs for rs in rates if float(rs) > 0]
+      per_rate = curve.get("by_rate") or {sr.rate_name(c["main_rate"]): curve["biased"]}
+      biased_rates = [rs for rs in per_rate if float(rs) > 0]  # clean has no flips
       for i, rs in enumerate(biased_rates):
         color = BIASED_STYLE["color"] if len(biased_rates) == 1 else GROUP_COLORS[i % 4]
         style = dict(color=color, linestyle="-", label=f"bias rate {rs}")
-        _band(ax, curve["epochs"], rates[rs], style)
+        _band(ax, curve["epochs"], per_rate[rs], style)
     _early_line(ax, c["early_stop"]["mean_biased"], "mean early stop (biased)")
     _epoch_axis(ax)
   _legend(fig, axes)
@@ -206,11 +211,13 @@ def fig3_split(summary, path: str) -> str:
   axes = fig.subplots(1, 2)
   fig.suptitle("SPLIT AUC of the disease models' features vs subgroup separability "
                "(mean ± sd over seeds)")
-  vals = []
+  vals = []  # every mean +- sd, so that no error bar runs off the axes
   for c in combos.values():
-    vals.append(sr.mean_sd(c["separability_auc"])[0])
-    for s in sr.STAGES:
-      vals += [sr.mean_sd(c["stages"][s][g]["split_auc"])[0] for g in ("clean", "biased")]
+    per_seed = [c["separability_auc"]]
+    per_seed += [c["stages"][s][g]["split_auc"] for s in sr.STAGES for g in ("clean", "biased")]
+    for values in per_seed:
+      mean, sd, _ = sr.mean_sd(values)
+      vals += [mean - np.nan_to_num(sd), mean + np.nan_to_num(sd)]
   finite = [v for v in vals if not math.isnan(v)] or [0.5, 1.0]
   lo, hi = max(0.0, min(finite) - 0.05), min(1.02, max(finite) + 0.05)
   for ax, stage, letter in zip(axes, sr.STAGES, "ab", strict=True):
@@ -225,13 +232,17 @@ def fig3_split(summary, path: str) -> str:
             markerfacecolor=face, markersize=7, capsize=3,
             label=name if side == "biased" else None,
         )
+    if all(math.isnan(sr.mean_sd(c["separability_auc"])[0]) for c in combos.values()):
+      ax.text(0.5, 0.5, "no separability runs found", ha="center", transform=ax.transAxes)
     # Kendall's tau goes in the title, where no data point can hide it.
     tau, tau_c = summary["kendall_tau"][stage], summary["kendall_tau_clean"][stage]
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_aspect("equal")
-    ax.set_title(f"({letter}) {stage} stage\nbiased: {_tau_short(tau)};  clean: {_tau_short(tau_c)}",
-                 fontsize=10)
+    ax.set_title(
+        f"({letter}) {stage} stage\nbiased: {_tau_short(tau)};  clean: {_tau_short(tau_c)}",
+        fontsize=10,
+    )
     ax.set_xlabel("subgroup separability AUC (attribute from images)")
     ax.set_ylabel("SPLIT AUC (attribute from features)")
     ax.grid(alpha=0.3)
@@ -266,7 +277,8 @@ def _bars(ax, summary, stage, field, ylabel, *, stars: bool):
           ax.annotate("*", (pos[k], y), ha="center", va="bottom" if m >= 0 else "top",
                       fontsize=14, xytext=(0, 2 if m >= 0 else -2), textcoords="offset points")
   ax.axhline(0, color="0.2", linewidth=0.8)
-  ax.set_xticks(x, names, rotation=20 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center")
+  crowded = len(names) > 3  # long names would overlap unless slanted
+  ax.set_xticks(x, names, rotation=20 if crowded else 0, ha="right" if crowded else "center")
   ax.set_ylabel(ylabel)
   ax.set_title(f"{ylabel.split(' (')[0]}, {stage} stage")
   ax.margins(y=0.15)
@@ -282,7 +294,8 @@ def fig4_deltas(summary, path: str) -> str:
   fig.suptitle(f"Biased − clean models on the clean test set (mean ± sd); "
                f"* Mann-Whitney p < {summary['alpha']:g} (uncorrected)")
   for row, stage in enumerate(sr.STAGES):
-    _bars(axes[row, 0], summary, stage, "delta_nc1_test", "Δ test NC1 (biased − clean)", stars=False)
+    _bars(axes[row, 0], summary, stage, "delta_nc1_test", "Δ test NC1 (biased − clean)",
+          stars=False)
     _bars(axes[row, 1], summary, stage, "delta_f1", "Δ F1 (biased − clean)", stars=True)
   _legend(fig, [axes[0, 0]])
   return _save(fig, path)
@@ -294,7 +307,7 @@ def rate_figure(summary, path: str) -> str | None:
   if not any(len(c["by_rate"]) > 1 for c in combos.values()):
     return None
   fig, axes = _grid(len(combos), "Δ F1 (biased − clean) against bias rate "
-                    "(mean ± sd over seeds; * Mann-Whitney p < alpha)")
+                    f"(mean ± sd over seeds; * Mann-Whitney p < {summary['alpha']:g})")
   for ax, (name, c) in zip(axes, combos.items(), strict=True):
     rates = sorted(c["by_rate"], key=float)
     # A small x offset per line keeps error bars of one rate apart.
@@ -314,7 +327,7 @@ def rate_figure(summary, path: str) -> str | None:
                         color=GROUP_COLORS[j % 4], fontsize=13)
     ax.axhline(0, color="0.2", linewidth=0.8)
     ax.set_title(name)
-    ax.set_xlabel("bias rate (fraction of group-1 positives flipped)")
+    ax.set_xlabel("bias rate (fraction of eligible labels flipped)")
     ax.set_ylabel("Δ F1 (biased − clean)")
     ax.grid(alpha=0.3)
   _legend(fig, axes)
@@ -404,7 +417,9 @@ def _combo_findings(name: str, c: dict[str, Any], alpha: float) -> list[str]:
     )
   first_last = f.get("train_nc1_first_last")
   if first_last:
-    falls = {g: _nan(first_last[g]["last"]) < _nan(first_last[g]["first"]) for g in ("clean", "biased")}
+    falls = {
+        g: _nan(first_last[g]["last"]) < _nan(first_last[g]["first"]) for g in ("clean", "biased")
+    }
     verdict = ("falls for both" if all(falls.values()) else "does not fall for both ("
                + ", ".join(f"{g}: {'falls' if v else 'does not fall'}" for g, v in falls.items())
                + ")")
@@ -424,9 +439,9 @@ def _combo_findings(name: str, c: dict[str, Any], alpha: float) -> list[str]:
     else:
       verdict = "They do not drift towards the flipped-class mean."
     out.append(
-        f"- **Flipped samples** (Fig. 1): at the biased early stop (epoch {flipped['early_epoch']}) "
-        f"{_num(e['mean'])} ± {_num(e['sd'])} of the flipped train samples lie nearer the "
-        f"true-class mean; at epoch {flipped['final_epoch']}, {_num(fin['mean'])} ± "
+        f"- **Flipped samples** (Fig. 1): at the biased early stop (epoch "
+        f"{flipped['early_epoch']}) {_num(e['mean'])} ± {_num(e['sd'])} of the flipped train "
+        f"samples lie nearer the true-class mean; at epoch {flipped['final_epoch']}, {_num(fin['mean'])} ± "
         f"{_num(fin['sd'])}. {verdict}"
     )
   final, early = c["stages"]["final"], c["stages"]["early"]
@@ -468,7 +483,8 @@ def _min_p(summary) -> float:
 def _tau_line(label: str, t: dict[str, Any]) -> str:
   if t["tau"] is None:
     return f"- {label}: not computed ({t['reason']})."
-  return f"- {label}: τ = {_num(t['tau'])}, p = {_p(t['p'])} (n = {t['n']} combinations, {t['method']})."
+  return (f"- {label}: τ = {_num(t['tau'])}, p = {_p(t['p'])} "
+          f"(n = {t['n']} combinations, {t['method']}).")
 
 
 def _md_table(rows: list[dict[str, Any]], cols: Sequence[str]) -> list[str]:
@@ -488,7 +504,7 @@ def _markdown(summary, figures: dict[str, str | None], tables: dict[str, str]) -
       "# Neural collapse and fairness: study report",
       "",
       f"Generated from `{sr.SUMMARY_FILE}` of `{summary['study_dir']}`. "
-      f"{len(combos)} combinations ({', '.join(combos)}), seeds {first['seeds']}, "
+      f"{len(combos)} combination{'s' if len(combos) > 1 else ''} ({', '.join(combos)}), seeds {first['seeds']}, "
       f"bias rates {rates} ('biased' = rate {first['main_rate']:g}), {first['epochs']} epochs. "
       f"F1 tests: Mann-Whitney U ({summary['alternative']}), biased vs clean, "
       f"'*' at p < {summary['alpha']:g}; Holm-adjusted p over the tests of a figure.",
@@ -501,10 +517,17 @@ def _markdown(summary, figures: dict[str, str | None], tables: dict[str, str]) -
         f"Mann-Whitney test can reach is {_p(min_p)}, so no difference can be significant "
         f"at {summary['alpha']:g}; run more seeds.", "",
     ]
+  if summary.get("skipped"):
+    lines += [f"Not evaluated yet, left out: {', '.join(summary['skipped'])}.", ""]
+  missing = [n for n, c in combos.items() if not c["separability_auc"]]
+  if missing:
+    lines += [f"No separability run for {', '.join(missing)}: left out of Fig. 3 and Kendall's τ.",
+              ""]
   lines += ["## Findings", ""]
   for name, c in combos.items():
     lines += _combo_findings(name, c, summary["alpha"])
-  lines += ["**Kendall's τ** between mean separability AUC and mean SPLIT AUC across combinations:", ""]
+  lines += ["**Kendall's τ** between mean separability AUC and mean SPLIT AUC across "
+            "combinations:", ""]
   for stage in sr.STAGES:
     lines.append(_tau_line(f"{stage} stage, biased models", summary["kendall_tau"][stage]))
     lines.append(_tau_line(f"{stage} stage, clean models", summary["kendall_tau_clean"][stage]))
@@ -519,8 +542,9 @@ def _markdown(summary, figures: dict[str, str | None], tables: dict[str, str]) -
       "Biased (solid orange) vs clean (dashed blue), mean ± sd over seeds; log y axis; "
       "dotted: mean early-stop epoch.")
   fig("fig1", "Fig. 1 analogue: flipped samples per epoch",
-      "Fraction of the flipped (mislabelled) train samples whose feature is nearer the "
-      "positive (true) class mean than the negative one; below 0.5 they sit with the flipped class.")
+      "Fraction of the flipped (mislabelled) train samples whose feature is nearer their true "
+      "class mean than their (flipped) training label's; below 0.5 most sit with the flipped "
+      "class.")
   fig("fig3", "Fig. 3: SPLIT vs subgroup separability",
       "Attribute information in the disease models' features (SPLIT) against that in the "
       "images (separability); points on y = x keep all of it. Error bars: sd over seeds.")
@@ -537,7 +561,8 @@ def _markdown(summary, figures: dict[str, str | None], tables: dict[str, str]) -
     path = figures.get(f"{split}/{key}")
     if path:
       lines += [f"![{label} ({split})]({os.path.basename(path)})", ""]
-  lines += ["## Tables", ""] + [f"- [{os.path.basename(p)}]({os.path.basename(p)})" for p in tables.values()]
+  names = [os.path.basename(p) for p in tables.values()]
+  lines += ["## Tables", ""] + [f"- [{n}]({n})" for n in names]
   return "\n".join(lines) + "\n"
 
 

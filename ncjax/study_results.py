@@ -13,18 +13,21 @@ sentence. Its shape (NaN -> null, per-seed lists ordered as "seeds"):
 
   combos.<combo>:
     seeds, rates, main_rate, groups, dataset, attribute, epochs
-    separability_auc: [per separability seed]   test AUC at stage 'early'
+    separability_auc: [per seed of the separability run]   its test AUC
+      at stage 'early' ([] without a separability run)
     stages.<early|final>:
       clean|biased: f1.<g>, nc1_test.<g>: [per seed]; split_auc, f1_all: [..]
       mannwhitney_f1.<g>: {p, p_holm, u, method, n}   biased vs clean
       delta_f1.<g>, delta_nc1_test.<g>: `statistics.Delta` fields
-    by_rate.<rate>.<stage>: f1.<g>, delta_f1.<g>, mannwhitney_f1.<g>
+    by_rate.<rate>.<stage>: f1.<g>, nc1_test.<g>, delta_f1.<g>,
+      delta_nc1_test.<g>, mannwhitney_f1.<g>   every nonzero rate
     early_stop: best epoch per seed for clean / biased, and their means
     curves.<split>.<key>: {epochs, clean|biased: {mean, sd, n}, by_rate}
     findings: the numbers the report's sentences state (see `_findings`)
   kendall_tau.<stage>: {tau, p, n, method, reason, combos, separability,
     split}   mean separability AUC vs mean SPLIT AUC of the biased models
   kendall_tau_clean.<stage>: the same for the clean models
+  skipped: combinations without a stage evaluation (left out)
 
 "biased" is the main rate (the largest nonzero rate unless `main_rate` is
 given); every nonzero rate has its entry in `by_rate`. Holm's adjustment runs
@@ -46,6 +49,7 @@ from ncjax import statistics
 from ncjax.metric_writers import read_records
 
 SUMMARY_FILE = "summary.json"
+EVAL_FILE = "stage_eval.jsonl"  # as ncjax.evaluate writes it
 STAGES = ("early", "final")
 SPLITS = ("train", "validation", "test")
 # Per-epoch metrics whose curves the summary keeps (all others stay in the
@@ -116,6 +120,10 @@ def mean_sd(values: Sequence[float | None]) -> tuple[float, float, int]:
   return mean, sd, int(v.size)
 
 
+def _mean_sd_dict(values: Sequence[float | None]) -> dict[str, float]:
+  return dict(zip(("mean", "sd", "n"), mean_sd(values), strict=True))
+
+
 # ------------------------------------------------------------------ stages
 
 
@@ -181,7 +189,7 @@ def _curves(records, rate_of_group: dict[str, float], rates: Sequence[float]) ->
         cols = {"mean": [], "sd": [], "n": []}
         for e in epochs:
           vals = [_f(r.get(key)) for r in cells.get((split, e, rate), ())]
-          for name, v in zip(("mean", "sd", "n"), mean_sd(vals), strict=True):
+          for name, v in _mean_sd_dict(vals).items():
             cols[name].append(v)
         return cols
 
@@ -240,8 +248,8 @@ def _findings(records, curves, early_stop, seeds, main_rate, alternative) -> dic
     at_last = _value_at(records, "train", "flipped_near_true", last, main_rate, seeds)
     out["flipped_near_true"] = {
         "early_epoch": epoch, "final_epoch": last,
-        "early": dict(zip(("mean", "sd", "n"), mean_sd(at_early), strict=True)),
-        "final": dict(zip(("mean", "sd", "n"), mean_sd(at_last), strict=True)),
+        "early": _mean_sd_dict(at_early),
+        "final": _mean_sd_dict(at_last),
     }
   return out
 
@@ -254,7 +262,7 @@ def _config(workdir: str) -> dict[str, Any]:
 
 
 def _separability(study_dir: str, name: str) -> list[float]:
-  evals = _read_jsonl(os.path.join(study_dir, "separability", name, "stage_eval.jsonl"))
+  evals = _read_jsonl(os.path.join(study_dir, "separability", name, EVAL_FILE))
   rows = {r["seed"]: r for r in evals if r["stage"] == "early" and r["bias_rate"] == 0.0}
   return _per_seed(rows, sorted(rows), "auc")
 
@@ -266,7 +274,7 @@ def summarize_combo(
   """One combination's entry of the summary (p_holm still NaN)."""
   workdir = os.path.join(study_dir, "combos", name)
   config = _config(workdir)
-  evals = _read_jsonl(os.path.join(workdir, "stage_eval.jsonl"))
+  evals = _read_jsonl(os.path.join(workdir, EVAL_FILE))
   if not evals:
     raise FileNotFoundError(f"{workdir} has no stage_eval.jsonl: run ncjax.evaluate first")
   records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
@@ -292,7 +300,6 @@ def summarize_combo(
     for r in biased_rates:
       entry = {"f1": blocks[r]["f1"], "nc1_test": blocks[r]["nc1_test"]}
       entry.update(_compare(clean, blocks[r], groups, alternative))
-      del entry["delta_nc1_test"]
       by_rate[rate_name(r)][stage] = entry
 
   best = _read_json(os.path.join(workdir, "train_summary.json")).get("members", {})
@@ -364,9 +371,14 @@ def summarize(
   Returns:
     The JSON-safe summary dict (NaN -> None).
   """
-  names = _subdirs(os.path.join(study_dir, "combos"))
+  root = os.path.join(study_dir, "combos")
+  names = _subdirs(root)
+  # An unfinished combination (no stage evaluation yet) is listed as skipped
+  # rather than failing the report of the finished ones.
+  skipped = [n for n in names if not os.path.exists(os.path.join(root, n, EVAL_FILE))]
+  names = [n for n in names if n not in skipped]
   if not names:
-    raise FileNotFoundError(f"no combinations under {os.path.join(study_dir, 'combos')}")
+    raise FileNotFoundError(f"no evaluated combinations under {root} (skipped: {skipped})")
   combos = {
       n: summarize_combo(study_dir, n, alternative=alternative, main_rate=main_rate)
       for n in names
@@ -386,6 +398,7 @@ def summarize(
           "by_rate.<rate>.<stage>.mannwhitney_f1": "per stage: all combos x groups x rates",
       },
       "combos": combos,
+      "skipped": skipped,
       "kendall_tau": {s: _kendall(combos, s, "biased") for s in STAGES},
       "kendall_tau_clean": {s: _kendall(combos, s, "clean") for s in STAGES},
   }

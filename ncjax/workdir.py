@@ -27,7 +27,9 @@ from ncjax.errors import WorkdirError
 
 CONFIG_FILE = "config.json"
 # Fields that do not change what a run computes.
-_RUNTIME_FIELDS = ("dataset.data_dir", "progress", "members.strategy", "checkpoint.every")
+_RUNTIME_FIELDS = (
+    "dataset.data_dir", "progress", "members.strategy", "checkpoint.every", "study.workers",
+)
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
