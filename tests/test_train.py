@@ -267,3 +267,11 @@ def test_logged_nc_metrics_equal_compute_on_restored_features(tiny_run):
   assert logged[(config.epochs, member, "train")]["flipped_near_true"] == pytest.approx(
       near[flipped].mean(), abs=1e-6
   )
+
+
+def test_non_finite_loss_stops_naming_member_and_epoch(tiny_config, tmp_path):
+  tiny_config.optimizer.name = "sgd"
+  tiny_config.optimizer.learning_rate = 1e38  # weights overflow in one step
+  with pytest.raises(train.NonFiniteError, match=r"train loss .* member seed0_bias0 at epoch 1"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
