@@ -46,7 +46,9 @@ def synthetic_dataset() -> ml_collections.ConfigDict:
           texture_amplitude=0.4,
           noise_sd=0.25,
           lesion_radius=(1.0, 2.2),
-          lesion_contrast=(0.6, 3.0),
+          # Contrast floor 1.5: below it clean models drift down from their
+          # early-stopped F1 as they memorise (measured at 0.6, 1.0, 1.2).
+          lesion_contrast=(1.5, 3.5),
           # Three group cues of increasing visibility (grating amplitude);
           # share = P(group 1), prevalence = P(disease | group 1).
           attributes=dict(
@@ -70,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.std = (0.06,)
   config.augment.enabled = False  # 24 x 24 procedural images
 
-  config.seeds = (0, 1, 2)
+  config.seeds = (0, 1, 2, 3, 4)
   config.model.name = "resnet10"
   config.model.width = 8
   config.model.stem = "cifar"  # 3x3 stride-1 stem for small images
@@ -78,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 1e-3
   config.batch_size = 32
   config.eval_batch_size = 1024
-  config.epochs = 30
+  config.epochs = 20
 
   config.study.combos = ("low", "medium", "high")
   config.study.separability_epochs = 15
