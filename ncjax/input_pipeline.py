@@ -52,6 +52,13 @@ def _builder_kwargs(config) -> dict:
   return {"image_size": size} if size else {}
 
 
+def ensure_prepared(config) -> None:
+  """Generates the configured dataset if it is procedural and missing."""
+  datasets.ensure_prepared(
+      config.dataset.name, data_dir=data_dir(config), **_builder_kwargs(config)
+  )
+
+
 def load(config) -> dict[str, HostSplit]:
   """The train, validation and test splits of the configured dataset."""
   name, attribute = config.dataset.name, config.dataset.attribute

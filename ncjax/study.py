@@ -27,7 +27,7 @@ import multiprocessing
 import os
 from typing import Any
 
-from ncjax import evaluate, train
+from ncjax import evaluate, input_pipeline, train
 from ncjax import workdir as workdir_lib
 from ncjax.errors import ConfigError, NcjaxError
 
@@ -123,6 +123,11 @@ def run(config, workdir: str, overrides: dict[str, Any] | None = None) -> dict[s
       ))  # fmt: skip
   failures, timings = {}, {}
   workers = min(config.study.workers, len(jobs))
+  for _, job_config in jobs:
+    try:
+      input_pipeline.ensure_prepared(job_config)  # once, before parallel jobs
+    except NcjaxError:
+      pass  # reported by the job itself, with the others still running
   if workers > 1:
     for job_config in (c for _, c in jobs):
       job_config.progress = False  # bars of parallel jobs would interleave

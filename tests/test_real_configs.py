@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 import dataset_fixtures as fx
@@ -93,3 +94,69 @@ def test_paper_study_expands_to_the_six_combinations():
   assert study.disease_config(config, "ham10000", "sex").batch_size == 256
   assert ham_config.get_config().batch_size == 256
   assert chexpert_config.get_config().dataset.mean == (0.449,)
+
+
+def _torchvision_state_dict(variables, num_classes=1000, seed=0):
+  """Flax ResNet variables -> torchvision names and layouts (written out
+  independently of the converter), with a random 1000-class head."""
+  rng = np.random.default_rng(seed)
+  out = {}
+
+  def bn(prefix, p, s):
+    out[f"{prefix}.weight"], out[f"{prefix}.bias"] = p["scale"], p["bias"]
+    out[f"{prefix}.running_mean"], out[f"{prefix}.running_var"] = s["mean"], s["var"]
+
+  params, stats = variables["params"], variables["batch_stats"]
+  for name, p in params.items():
+    if name == "conv1":
+      out["conv1.weight"] = np.transpose(p["kernel"], (3, 2, 0, 1))
+    elif name == "bn1":
+      bn("bn1", p, stats["bn1"])
+    elif name.startswith("layer"):
+      layer, block = name[len("layer"):].split("_")
+      prefix = f"layer{layer}.{block}"
+      for sub, q in p.items():
+        if "conv" in sub:
+          torch_sub = "downsample.0" if sub == "downsample_conv" else sub
+          out[f"{prefix}.{torch_sub}.weight"] = np.transpose(q["kernel"], (3, 2, 0, 1))
+        else:
+          torch_sub = "downsample.1" if sub == "downsample_bn" else sub
+          bn(f"{prefix}.{torch_sub}", q, stats[name][sub])
+  d = params["fc"]["kernel"].shape[0]
+  out["fc.weight"] = rng.normal(size=(num_classes, d)).astype(np.float32)
+  out["fc.bias"] = rng.normal(size=(num_classes,)).astype(np.float32)
+  return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def test_init_from_starts_training_from_the_given_weights(tmp_path):
+  """With learning rate 0 the final model is the converted checkpoint: every
+  weight from the file, and a fresh 2-class head."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from configs import synthetic  # pylint: disable=import-outside-toplevel
+  from ncjax import checkpoints, resnet  # pylint: disable=import-outside-toplevel
+
+  config = synthetic.get_config("tiny")
+  config.dataset.data_dir = str(tmp_path / "tfds")
+  config.model.name, config.model.width, config.model.stage_sizes = "resnet18", 4, ()
+  config.seeds, config.bias.rates, config.epochs = (0,), (0.0,), 1
+  config.optimizer.learning_rate = 0.0
+  source = resnet.create("resnet18", width=4, stem="cifar", num_classes=1000)
+  x = jax.numpy.zeros((1, 16, 16, 1))
+  variables = jax.jit(source.init)(jax.random.key(7), x)
+  variables = jax.tree.map(lambda v: v + np.float32(0.5), variables)  # not an init
+  state_dict = _torchvision_state_dict(jax.device_get(variables))
+  path = str(tmp_path / "weights.npz")
+  np.savez(path, **state_dict)
+  config.model.init_from = path
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  final = checkpoints.restore_stage(workdir, "seed0_bias0", "final")
+  np.testing.assert_array_equal(
+      np.transpose(final["params"]["conv1"]["kernel"], (3, 2, 0, 1)), state_dict["conv1.weight"]
+  )
+  np.testing.assert_array_equal(
+      final["params"]["layer4_0"]["downsample_bn"]["scale"],
+      state_dict["layer4.0.downsample.1.weight"],
+  )
+  assert final["params"]["fc"]["kernel"].shape == (32, 2)  # fresh 2-class head

@@ -82,6 +82,26 @@ def builder(name: str, data_dir: str, **kwargs: Any):
   return _entry(name).make_builder(data_dir=data_dir, **kwargs)
 
 
+def ensure_prepared(name: str, *, data_dir: str, **builder_kwargs: Any):
+  """The prepared builder: generated now if procedural, else DataError.
+
+  Call it once before starting parallel readers: two processes generating
+  the same dataset at once would race on its folder.
+  """
+  entry = _entry(name)
+  b = entry.make_builder(data_dir=data_dir, **builder_kwargs)
+  if not b.is_prepared():
+    if not entry.auto_prepare:
+      raise DataError(
+          f"dataset {name!r} is not prepared in {data_dir}; " + entry.how_to_prepare
+      )
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    tfds.disable_progress_bar()
+    b.download_and_prepare(file_format="array_record")
+  return b
+
+
 def load_split(
     name: str, split: str, *, data_dir: str, **builder_kwargs: Any
 ) -> Split:
@@ -90,19 +110,7 @@ def load_split(
   Procedurally generated datasets are prepared on first use; a real dataset
   that is not prepared raises `DataError` saying how to prepare it.
   """
-  entry = _entry(name)
-  b = entry.make_builder(data_dir=data_dir, **builder_kwargs)
-  if not b.is_prepared():
-    if entry.auto_prepare:
-      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-
-      tfds.disable_progress_bar()
-      b.download_and_prepare(file_format="array_record")
-    else:
-      raise DataError(
-          f"dataset {name!r} is not prepared in {data_dir}; "
-          + entry.how_to_prepare
-      )
+  b = ensure_prepared(name, data_dir=data_dir, **builder_kwargs)
   source = b.as_data_source(split)
   records = source.__getitems__(list(range(len(source))))
   if not records:
