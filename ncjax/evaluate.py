@@ -24,6 +24,7 @@ import numpy as np
 
 from ncjax import checkpoints, fairness, input_pipeline, neural_collapse, split_probe, train
 from ncjax import workdir as workdir_lib
+from ncjax.members import Member
 
 EVAL_FILE = "stage_eval.jsonl"
 
@@ -121,9 +122,7 @@ def run(workdir: str) -> list[dict[str, Any]]:
   return records
 
 
-def _as_member(member: dict[str, Any]):
-  from ncjax.members import Member  # pylint: disable=import-outside-toplevel
-
+def _as_member(member: dict[str, Any]) -> Member:
   return Member(int(member["seed"]), float(member["bias_rate"]))
 
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ncjax import bias as bias_lib
 from ncjax import checkpoints, input_pipeline, metric_writers, neural_collapse, resnet
 from ncjax import members as members_lib
 from ncjax import workdir as workdir_lib
@@ -391,7 +392,7 @@ def train_and_evaluate(
   t_start = time.perf_counter()
   members = members_lib.from_config(config)
   for m in members:
-    input_pipeline.bias_lib.BiasSpec(
+    bias_lib.BiasSpec(
         m.bias_rate, config.bias.group, config.bias.mode, config.bias.direction
     ).validate()
   strategy = _resolve_strategy(config)

@@ -135,11 +135,4 @@ def _text(value: Any) -> str:
 def _import_builders() -> None:
   """Imports the builder modules so that they register themselves."""
   # pylint: disable=import-outside-toplevel,unused-import
-  from ncjax.datasets import synthetic  # noqa: F401
-
-  for module in ("papila", "ham10000", "chexpert"):
-    try:
-      __import__(f"ncjax.datasets.{module}")
-    except ModuleNotFoundError as e:
-      if e.name != f"ncjax.datasets.{module}":
-        raise
+  from ncjax.datasets import chexpert, ham10000, papila, synthetic  # noqa: F401
