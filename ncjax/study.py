@@ -157,7 +157,12 @@ def _job(job_dir: str, job_config) -> float | str:
     evaluate.run(job_dir)
   except NcjaxError as e:
     return str(e)
-  print(f"done: {job_dir} ({summary['wall_seconds']:.0f} s)", flush=True)
+  t = summary["seconds"]
+  print(
+      f"done: {job_dir} ({summary['wall_seconds']:.0f} s; NC metrics "
+      f"{100 * t['nc'] / max(t['train'], 1e-9):.0f}% of the training time)",
+      flush=True,
+  )
   return float(summary["wall_seconds"])
 
 
