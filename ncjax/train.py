@@ -512,13 +512,21 @@ def train_and_evaluate(
     )
     jax.block_until_ready(states)
     t1 = time.perf_counter()
+    # Validation every epoch (early stopping); train and test with the NC
+    # metrics, every nc.every epochs and at the last.
     with_nc = epoch % config.nc.every == 0 or epoch == config.epochs
+    splits_now = dev if with_nc else {"validation": dev["validation"]}
     records = []
     for m in members:
       records += _evaluate_member(
-          m, epoch, states[m.name].variables, dev, labels[m.name], eval_fn, metrics_fn,
+          m, epoch, states[m.name].variables, splits_now, labels[m.name], eval_fn, metrics_fn,
           (nc_fn, means_fn, flipped_dev[m.name]) if with_nc else None, timings,
       )
+    if not with_nc:  # the training loss is logged every epoch all the same
+      records += [
+          {**_index(m, epoch, "train"), "batch_loss": batch_metrics[m.name]["loss"]}
+          for m in members
+      ]
     for r in records:
       if r["split"] == "train":
         r["batch_loss"] = batch_metrics[r["member"]]["loss"]
@@ -650,16 +658,21 @@ def _evaluate_member(member, epoch, variables, dev, labels, eval_fn, metrics_fn,
   for split in dev:
     if split != "train" or not member.bias_rate:
       results[split].pop("flipped_near_true", None)
-    record = {
-        "epoch": epoch,
-        "member": member.name,
-        "seed": member.seed,
-        "bias_rate": member.bias_rate,
-        "split": split,
-    }
+    record = _index(member, epoch, split)
     record.update({k: float(v) for k, v in results[split].items()})
     records.append(record)
   return records
+
+
+def _index(member, epoch: int, split: str) -> dict[str, Any]:
+  """The fields that identify a metrics record."""
+  return {
+      "epoch": epoch,
+      "member": member.name,
+      "seed": member.seed,
+      "bias_rate": member.bias_rate,
+      "split": split,
+  }
 
 
 def _predict(eval_fn, variables, d: input_pipeline.DeviceSplit):

@@ -275,3 +275,19 @@ def test_non_finite_loss_stops_naming_member_and_epoch(tiny_config, tmp_path):
   with pytest.raises(train.NonFiniteError, match=r"train loss .* member seed0_bias0 at epoch 1"):
     train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
+
+
+def test_train_and_test_are_evaluated_on_nc_epochs_only(tiny_config, tmp_path):
+  """nc.every = 2 over 3 epochs: validation every epoch (early stopping),
+  train and test with NC at epochs 2 and 3, the batch loss every epoch."""
+  tiny_config.nc.every = 2
+  tiny_config.seeds = (0,)
+  train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+  records = _records(str(tmp_path / "w"))
+  for epoch in (1, 2, 3):
+    got = {r["split"]: r for r in records if r["epoch"] == epoch and r["member"] == "seed0_bias0"}
+    assert "loss" in got["validation"] and "batch_loss" in got["train"]
+    if epoch == 1:
+      assert "test" not in got and set(got["train"]) >= {"batch_loss"} and "nc1" not in got["train"]
+    else:
+      assert "nc1" in got["train"] and "nc1" in got["test"] and "loss" in got["test"]
