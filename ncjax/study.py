@@ -27,7 +27,7 @@ import multiprocessing
 import os
 from typing import Any
 
-from ncjax import evaluate, input_pipeline, train
+from ncjax import evaluate, input_pipeline, metric_writers, train
 from ncjax import workdir as workdir_lib
 from ncjax.errors import ConfigError, NcjaxError
 
@@ -129,9 +129,9 @@ def run(config, workdir: str, overrides: dict[str, Any] | None = None) -> dict[s
     except NcjaxError:
       pass  # reported by the job itself, with the others still running
   if workers > 1:
-    for job_config in (c for _, c in jobs):
-      job_config.progress = False  # bars of parallel jobs would interleave
-  outcomes = _run_jobs(jobs, workers)
+    for _, job_config in jobs:
+      job_config.progress = False  # the parent draws one bar for all jobs
+  outcomes = _run_jobs(jobs, workers, progress=config.progress)
   for i, (job_dir, outcome) in enumerate(zip((d for d, _ in jobs), outcomes), start=1):
     label = os.path.relpath(job_dir, workdir)
     if isinstance(outcome, str):
@@ -166,12 +166,14 @@ def _job(job_dir: str, job_config) -> float | str:
   return float(summary["wall_seconds"])
 
 
-def _run_jobs(jobs, workers: int) -> list[float | str]:
+def _run_jobs(jobs, workers: int, *, progress: bool) -> list[float | str]:
   """Runs jobs in order, or `workers` at a time in spawned processes.
 
   XLA:CPU runs these small models on about one core, so on a CPU several
   processes, each pinned to one intra-op thread, use the machine; on an
   accelerator keep one worker (processes would compete for its memory).
+  Parallel jobs draw no bars of their own: the parent shows one bar over
+  all member-epochs, counted from the jobs' metrics.jsonl files.
   """
   if workers <= 1:
     return [_job(d, c) for d, c in jobs]
@@ -180,6 +182,30 @@ def _run_jobs(jobs, workers: int) -> list[float | str]:
   try:
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, maxtasksperchild=1) as pool:
-      return pool.starmap(_job, jobs, chunksize=1)
+      pending = pool.starmap_async(_job, jobs, chunksize=1)
+      if progress:
+        _follow(pending, jobs)
+      return pending.get()
   finally:
     os.environ["XLA_FLAGS"] = flags
+
+
+def _follow(pending, jobs) -> None:
+  """A progress bar (with ETA) over the member-epochs of all jobs."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  total = sum(len(c.seeds) * len(c.bias.rates) * c.epochs for _, c in jobs)
+  with tqdm(total=total, desc="study", unit="member-epoch", dynamic_ncols=True) as bar:
+    while not pending.ready():
+      pending.wait(5)
+      done = sum(_validation_records(d) for d, _ in jobs)
+      bar.update(min(done, total) - bar.n)
+
+
+def _validation_records(workdir: str) -> int:
+  """Member-epochs a job has logged (one validation record each)."""
+  path = os.path.join(workdir, metric_writers.METRICS_FILE)
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return sum('"split": "validation"' in line for line in f)
