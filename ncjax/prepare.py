@@ -189,8 +189,11 @@ def format_summary(summary: dict[str, Any]) -> str:
   lines.append(f"  skipped unreadable images: {len(skipped)}")
   lines.extend(f"    {s['split']}: {s['path']} ({s['reason']})" for s in skipped)
   for key, value in sorted(metadata.items()):
-    if key != "skipped_images":
-      lines.append(f"  {key.replace('_', ' ')}: {value}")
+    if key == "skipped_images":
+      continue
+    if isinstance(value, dict):  # counts by kind, e.g. by colour mode
+      value = ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
+    lines.append(f"  {key.replace('_', ' ')}: {value}")
   return "\n".join(lines)
 
 

@@ -4,7 +4,8 @@ Every image is one solid colour (`colour_of(path)`), so a test can tell which
 file a stored example came from after resizing. Sizes vary, some images have
 an unexpected size, and the tables carry the real column names and quirks
 (PAPILA's extra header rows, HAM10000's missing ages and `unknown` sex,
-CheXpert's lateral views, race strings and rows without a split).
+CheXpert's lateral views, race strings and rows without a split). The
+helpers at the end damage such a copy the way real downloads go wrong.
 """
 
 from __future__ import annotations
@@ -212,3 +213,76 @@ def write_chexpert(
   split = split.reset_index(drop=True)
   split.to_csv(os.path.join(root, "chexpert_split_2021_08_20.csv"))
   return train, demo, split
+
+
+# --- hostile edits --------------------------------------------------------------
+
+# File format per PIL colour mode written by `write_image_as` (PNG content in
+# a `.jpg` file where JPEG cannot hold the mode).
+IMAGE_FORMATS = {
+    "L": "JPEG", "RGB": "JPEG", "CMYK": "JPEG",
+    "LA": "PNG", "P": "PNG", "RGBA": "PNG", "I;16": "PNG",
+}  # fmt: skip
+
+
+def luma(rgb: tuple[int, int, int]) -> float:
+  """Gray value of an RGB colour, ITU-R 601-2: 0.299 R + 0.587 G + 0.114 B."""
+  r, g, b = rgb
+  return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def write_image_as(
+    path: str, mode: str, rgb: tuple[int, int, int], size_wh: tuple[int, int] = (16, 12)
+) -> tuple[int, int, int]:
+  """Overwrites `path` with a solid image stored in PIL mode `mode`.
+
+  Gray modes (L, LA) hold `rgb[0]`; RGBA has alpha 128; P holds `rgb` in a
+  one-colour palette; CMYK holds (255 - R, 255 - G, 255 - B, 0). I;16 holds
+  `rgb[0] * 256`.
+
+  Returns:
+    The colour a reader should see: (g, g, g) for the gray modes, else `rgb`.
+  """
+  gray = rgb[0]
+  if mode == "L":
+    image = Image.new("L", size_wh, gray)
+  elif mode == "LA":
+    image = Image.new("LA", size_wh, (gray, 128))
+  elif mode == "RGB":
+    image = Image.new("RGB", size_wh, rgb)
+  elif mode == "RGBA":
+    image = Image.new("RGBA", size_wh, (*rgb, 128))
+  elif mode == "P":
+    image = Image.new("P", size_wh, 0)
+    image.putpalette(list(rgb) + [0] * 765)
+  elif mode == "CMYK":
+    image = Image.new("CMYK", size_wh, tuple(255 - v for v in rgb) + (0,))
+  elif mode == "I;16":
+    image = Image.new("I;16", size_wh, gray * 256)
+  else:
+    raise ValueError(f"no writer for mode {mode}")
+  with open(path, "wb") as f:  # the format from the mode, not the name
+    image.save(f, format=IMAGE_FORMATS[mode], quality=95)
+  return (gray, gray, gray) if mode in ("L", "LA", "I;16") else tuple(rgb)
+
+
+def truncate(path: str, keep: float = 0.5) -> None:
+  """Cuts a file to the first `keep` of its bytes (an interrupted download)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[: int(len(data) * keep)])
+
+
+def read_sheet(path: str) -> list[list]:
+  """The cells of an xlsx file's first sheet, row by row."""
+  workbook = openpyxl.load_workbook(path)
+  return [list(row) for row in workbook.active.iter_rows(values_only=True)]
+
+
+def write_sheet(path: str, rows: list[list]) -> None:
+  """An xlsx file whose first sheet holds `rows`."""
+  workbook = openpyxl.Workbook()
+  for row in rows:
+    workbook.active.append(list(row))
+  workbook.save(path)

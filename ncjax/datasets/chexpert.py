@@ -19,6 +19,24 @@ views only. Label = 0 if `No Finding` == 1 else 1 (any finding); sex from
 train.csv (Female = 1); age = 1 if Age >= 60; race = 0 White, 1 Asian or
 Black. Images are grayscale, resized to 224 x 224 (aspect not kept). Expected:
 127118 images, 116202 positive; 76205 / 12673 / 38240.
+
+Validation (one-line `DataError`s naming the file, the line, the column and
+the valid values; a line is the csv's, header = line 1):
+- split file: `index` must be a row of train.csv, each at most once; `split`
+  one of train, validate, test (empty: not in the cohort, as the reference);
+- train.csv rows with a split: a Path at most once, of the form
+  <release>/<split>/patientXXXXX/...; Frontal/Lateral Frontal or Lateral;
+- cohort rows (after the demographic filters): Sex Male or Female, Age a
+  number of years in 0..120 (empty is an error), No Finding 1, 0, -1 or
+  empty;
+- demographics: a PATIENT at most once; race and ethnicity are free text
+  filtered as above (other values leave the cohort, as in the reference);
+- columns are found by name in every table: extra ones (whatever their name)
+  are ignored and the order is free, but a used column written twice, or a
+  csv line with more fields than the header, is an error.
+Images: see `downloaded` (missing, empty or undecodable files fail the build
+or, with --skip_bad_images, are skipped and listed; colour images, RGBA or
+palette files are converted to grayscale and counted).
 """
 
 from __future__ import annotations
@@ -54,7 +72,9 @@ def normalise_race(race: pd.Series) -> pd.Series:
 def _release(manual_dir: epath.Path) -> epath.Path:
   for release in _RELEASES:
     if (manual_dir / release / "train.csv").is_file():
-      return manual_dir / release / "train.csv"
+      return downloaded.require_file(
+          manual_dir, f"{release}/train.csv", "CheXpert's train.csv"
+      )
   raise DataError(
       f"{manual_dir}: no {_RELEASES[1]}/train.csv or {_RELEASES[0]}/train.csv;"
       " expected the unpacked CheXpert release there"
@@ -90,15 +110,18 @@ class Chexpert(downloaded.DownloadedImageBuilder, skip_registration=True):
   def _read_cohort(self, manual_dir: epath.Path) -> pd.DataFrame:
     train_csv = _release(manual_dir)
     where = train_csv.relative_to(manual_dir).as_posix()
-    images = downloaded.read_csv(train_csv, _TRAIN_COLUMNS)
+    # Only the used columns: extra ones cannot clash with the merged names.
+    images = downloaded.read_csv(train_csv, _TRAIN_COLUMNS)[list(_TRAIN_COLUMNS)]
     split_csv = downloaded.require_file(
         manual_dir, _SPLIT_FILE, "the split file of biomedia-mira/chexploration"
     )
-    split = downloaded.read_csv(split_csv, ("index", "split"))
-    demo = downloaded.read_excel(
-        downloaded.require_file(manual_dir, _DEMO, "CheXpert's demographics")
+    split = downloaded.read_csv(split_csv, ("index", "split"))[["index", "split"]]
+    demo_xlsx = downloaded.require_file(
+        manual_dir, _DEMO, "CheXpert's demographics"
     )
-    downloaded.check_columns(demo, _DEMO_COLUMNS, manual_dir / _DEMO)
+    demo = downloaded.header_from_first_row(
+        downloaded.read_excel(demo_xlsx, header=None), _DEMO_COLUMNS, demo_xlsx
+    )
 
     # Align the split file with train.csv rows by row number; rows without
     # a split are not in the cohort.
@@ -107,37 +130,59 @@ class Chexpert(downloaded.DownloadedImageBuilder, skip_registration=True):
     line_of = lambda label: f"{_SPLIT_FILE} line {label + 2}"  # noqa: E731
     outside = ~index.between(0, len(images) - 1) | (index % 1 != 0)
     if outside.any():
-      label = outside.index[outside][0]
-      raise DataError(
-          f"{line_of(label)}: index {split['index'][label]!r} is not a row of "
-          f"{where} (0..{len(images) - 1})"
-      )
+      label = outside.idxmax()
+      raise downloaded.bad_value(
+          line_of(label), "index", split["index"][label],
+          f"a row number of {where}, 0 to {len(images) - 1}",
+      )  # fmt: skip
     if index.duplicated().any():
-      label = index.index[index.duplicated()][0]
-      raise DataError(f"{line_of(label)}: row {int(index[label])} twice")
+      label = index.duplicated().idxmax()
+      first = index.index[index == index[label]][0]
+      raise DataError(
+          f"{line_of(label)}: index {int(index[label])} again (first on line "
+          f"{first + 2}); expected each row of {where} at most once"
+      )
     unknown = ~split["split"].isin(list(_SPLITS))
     if unknown.any():
-      label = unknown.index[unknown][0]
-      raise DataError(
-          f"{line_of(label)}: split {split['split'][label]!r}, expected one of "
-          f"{list(_SPLITS)}"
+      label = unknown.idxmax()
+      raise downloaded.bad_value(
+          line_of(label), "split", split["split"][label], f"one of {list(_SPLITS)}"
       )
     cohort = images.iloc[index.astype(int).to_numpy()].copy()
     cohort["split"] = split["split"].map(_SPLITS).to_numpy()
     cohort["row"] = index.astype(int).to_numpy()
+    line = lambda row: f"{where} line {row + 2}"  # noqa: E731
     parts = cohort["Path"].astype(str).str.split("/")
     if (parts.str.len() < 4).any():
-      bad = cohort["row"][parts.str.len() < 4].iloc[0]
-      raise DataError(
-          f"{where} line {bad + 2}: Path {images['Path'][bad]!r}, expected "
-          "<release>/<split>/patientXXXXX/..."
+      row = cohort["row"][parts.str.len() < 4].iloc[0]
+      raise downloaded.bad_value(
+          line(row), "Path", images["Path"][row], "<release>/<split>/patientXXXXX/..."
       )
     cohort["patient"] = parts.str[2]
+    repeated = cohort["Path"].duplicated()
+    if repeated.any():
+      path = cohort["Path"][repeated].iloc[0]
+      rows = sorted(cohort["row"][cohort["Path"] == path])
+      raise DataError(
+          f"{line(rows[1])}: Path {path!r} again (first on line {rows[0] + 2}); "
+          "expected each image once"
+      )
+    view = ~cohort["Frontal/Lateral"].isin(["Frontal", "Lateral"])
+    if view.any():
+      row = cohort["row"][view].iloc[0]
+      raise downloaded.bad_value(
+          line(row), "Frontal/Lateral", images["Frontal/Lateral"][row],
+          "Frontal or Lateral",
+      )  # fmt: skip
 
     demo = demo[list(_DEMO_COLUMNS)].rename(columns={"PATIENT": "patient"})
+    demo = demo[demo["patient"].notna()]
     repeated = demo["patient"][demo["patient"].duplicated()]
     if len(repeated):
-      raise DataError(f"{_DEMO}: patient {repeated.iloc[0]!r} appears twice")
+      raise DataError(
+          f"{_DEMO}: patient {repeated.iloc[0]!r} appears twice; expected one "
+          "row per patient"
+      )
     cohort = cohort.merge(demo, on="patient", how="inner")
     cohort["race"] = normalise_race(cohort["PRIMARY_RACE"])
     cohort = cohort[
@@ -146,19 +191,26 @@ class Chexpert(downloaded.DownloadedImageBuilder, skip_registration=True):
         & (cohort["Frontal/Lateral"] == "Frontal")
     ]
 
-    line = lambda row: f"{where} line {row + 2}"  # noqa: E731
     sex = cohort["Sex"].to_numpy(dtype=object)
     not_binary = ~np.isin(sex, ["Male", "Female"])
     if not_binary.any():
       row = cohort["row"].to_numpy()[np.flatnonzero(not_binary)[0]]
-      raise DataError(
-          f"{line(row)}: Sex {images['Sex'][row]!r}, expected Male or Female"
+      raise downloaded.bad_value(
+          line(row), "Sex", images["Sex"][row], "Male or Female"
       )
-    age = downloaded.to_numbers(cohort["Age"].set_axis(cohort["row"]), line)
-    if np.isnan(age).any():
-      row = cohort["row"].to_numpy()[np.isnan(age)][0]
-      raise DataError(f"{line(row)}: no Age")
-    no_finding = pd.to_numeric(cohort["No Finding"], errors="coerce") == 1
+    years = f"an age in years, 0 to {downloaded.MAX_AGE}"
+    age = downloaded.to_numbers(cohort["Age"].set_axis(cohort["row"]), line, years)
+    downloaded.check_ages(age, list(cohort["row"]), line, "Age")
+    finding = downloaded.to_numbers(
+        cohort["No Finding"].set_axis(cohort["row"]), line, "1, 0, -1 or empty"
+    )
+    odd = ~np.isin(finding, [1.0, 0.0, -1.0]) & ~np.isnan(finding)
+    if odd.any():
+      row = cohort["row"].to_numpy()[np.flatnonzero(odd)[0]]
+      raise downloaded.bad_value(
+          line(row), "No Finding", images["No Finding"][row], "1, 0, -1 or empty"
+      )
+    no_finding = finding == 1
 
     # The split is published as patient-disjoint; say so if it is not.
     shared = int((cohort.groupby("patient")["split"].nunique() > 1).sum())
@@ -168,7 +220,7 @@ class Chexpert(downloaded.DownloadedImageBuilder, skip_registration=True):
     return pd.DataFrame({
         "split": cohort["split"].to_numpy(),
         "path": cohort["Path"].astype(str).to_numpy(),
-        "label": (~no_finding).astype(int).to_numpy(),
+        "label": (~no_finding).astype(int),
         "id": cohort["patient"].to_numpy(),
         "sex": (sex == "Female").astype(int),
         "age": (age >= 60).astype(int),

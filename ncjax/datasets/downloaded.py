@@ -6,21 +6,55 @@ builder checks the files, decodes and resizes every image once (in a process
 pool), accounts for images that cannot be read, and writes TF-free
 array_record files through TFDS.
 
-Images that fail to decode are collected over all splits and reported in one
-`DataError` at the end of the last split (so the user sees every bad file in
-one run); TFDS then deletes its `incomplete.*` directory, so a failed build
-leaves no prepared dataset. With `skip_bad_images` they are left out and listed
-in the dataset's `metadata.json` under `skipped_images`.
+Hostile input, and what happens to it (every error is one `DataError` line
+naming the file, the row or image and what was expected):
+- Tables: a missing, empty (0 bytes) or unreadable file is an error; extra
+  columns are ignored and columns may come in any order (they are found by
+  name); a column the dataset uses that is missing, or appears twice, is an
+  error (`check_columns`). A csv line with values in more fields than the
+  header is an error (on the first data line pandas would silently shift
+  every column by one); empty trailing fields are ignored. Row-level values
+  outside their valid set are errors raised by the dataset module
+  ("<file> <row>: <column> <value>, expected <valid values>", `bad_value`).
+- Image files that are missing or empty (0 bytes) are found before anything
+  is decoded and fail the build at once, all of them listed.
+- Images that fail to decode (truncated, not an image, 16-bit or float
+  pixels, which 8-bit conversion would clip) are collected over all splits
+  and reported in one `DataError` at the end of the last split (so the user
+  sees every bad file in one run).
+- With `skip_bad_images` both kinds are left out instead and listed, with the
+  reason, in the dataset's `metadata.json` under `skipped_images` (and in
+  `ncjax.prepare`'s summary).
+- A split none of whose images can be read fails the build either way (TFDS
+  cannot write an empty split), listing the bad images found so far.
+- Images in another 8-bit colour mode than the dataset's (grayscale in an RGB
+  dataset, colour in a grayscale one, palette, alpha, CMYK) are converted as
+  PIL converts them: gray is copied into R, G and B; colour becomes gray as
+  L = 0.299 R + 0.587 G + 0.114 B (ITU-R 601-2); alpha is dropped, not
+  composited. They are counted by their mode in the file under
+  `converted_images_by_mode`. The file format is read from the content, so a
+  PNG named `.jpg` is accepted.
+- An image listed twice in the cohort is an error (TFDS keys examples by path).
+- Paths may hold any unicode characters.
+
+A failed build leaves nothing half-written: TFDS deletes its `incomplete.*`
+directory and `ncjax.prepare` the empty config folder, while datasets and
+image sizes prepared before in the same data_dir are untouched.
 """
 
 from __future__ import annotations
 
 import abc
+import collections
+import csv
 import dataclasses
 import functools
+import math
 import multiprocessing
 import os
 import re
+import stat
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -42,22 +76,38 @@ _MAX_LISTED = 10
 
 # --- images -----------------------------------------------------------------
 
+# Modes whose pixels are not 8-bit (I, I;16, I;16B, F): PIL's conversion to L
+# or RGB clips them to 255 instead of scaling, so they are refused.
+_NOT_8_BIT = ("I", "F")
 
-def load_image(path: str, shape: tuple[int, int, int], fit: str) -> np.ndarray:
+
+def decode_image(
+    path: str, shape: tuple[int, int, int], fit: str
+) -> tuple[np.ndarray, str]:
   """Decodes an image file into a uint8 H x W x C array of exactly `shape`.
 
   Args:
-    path: the image file.
+    path: the image file, in any format PIL reads (found from the content).
     shape: (height, width, channels), channels 1 (grayscale) or 3 (RGB).
     fit: "cover": scale (keeping aspect) until the image covers height x width,
       then center crop; "stretch": resize to height x width, aspect not kept.
 
   Returns:
-    The resized image. Images of any size are accepted.
+    The resized image, and the file's PIL colour mode (converted if it is not
+    "L" for 1 channel or "RGB" for 3). Images of any size are accepted.
+
+  Raises:
+    OSError, ValueError, SyntaxError: the file is not a whole 8-bit image.
   """
   height, width, channels = shape
   mode = "L" if channels == 1 else "RGB"
   with Image.open(path) as image:
+    source_mode = image.mode
+    if source_mode.startswith(_NOT_8_BIT):
+      raise ValueError(
+          f"mode {source_mode} (16-bit or float pixels), expected 8-bit "
+          "grayscale or colour"
+      )
     # JPEG decoders can downscale by 1/2..1/8 while decoding: much faster, and
     # the result stays at least as large as requested.
     image.draft(mode, (width, height))
@@ -74,19 +124,38 @@ def load_image(path: str, shape: tuple[int, int, int], fit: str) -> np.ndarray:
   else:
     raise ValueError(f"unknown fit {fit!r}")
   array = np.asarray(image, dtype=np.uint8)
-  return array[..., None] if channels == 1 else array
+  return (array[..., None] if channels == 1 else array), source_mode
+
+
+def load_image(path: str, shape: tuple[int, int, int], fit: str) -> np.ndarray:
+  """The image of `decode_image`, without its mode."""
+  return decode_image(path, shape, fit)[0]
 
 
 def _try_load(
     path: str, shape: tuple[int, int, int], fit: str
-) -> tuple[np.ndarray | None, str | None]:
-  """`load_image`, returning the error as text instead of raising it."""
+) -> tuple[np.ndarray | None, str | None, str | None]:
+  """`decode_image` as (image, None, mode), or (None, why, None) if it fails."""
   try:
-    return load_image(path, shape, fit), None
+    image, mode = decode_image(path, shape, fit)
+    return image, None, mode
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     # PIL signals unreadable files with OSError (truncated, unidentified),
     # ValueError or SyntaxError (broken headers).
-    return None, f"{type(e).__name__}: {e}".splitlines()[0]
+    return None, one_line(f"{type(e).__name__}: {e}"), None
+
+
+def file_problem(path: str) -> str | None:
+  """Why the file `path` cannot be an image, seen without decoding it; or None."""
+  try:
+    status = os.stat(path)
+  except OSError:
+    return "file not found"
+  if not stat.S_ISREG(status.st_mode):
+    return "not a file"
+  if status.st_size == 0:
+    return "empty file, 0 bytes"
+  return None
 
 
 def _load_all(
@@ -110,35 +179,122 @@ def _load_all(
 
 # --- tables -----------------------------------------------------------------
 
+# Ages outside 0..MAX_AGE years are errors, not an age group.
+MAX_AGE = 120
+
+
+def one_line(text: str) -> str:
+  """`text` with its line breaks (e.g. of a parser's message) as spaces."""
+  return " ".join(str(text).split())
+
+
+def show(value: Any) -> str:
+  """A table cell as an error message shows it: 7, 'X', or empty."""
+  if value is None or (isinstance(value, float | np.floating) and math.isnan(value)):
+    return "empty"
+  if isinstance(value, float | np.floating) and float(value).is_integer():
+    return str(int(value))
+  return repr(value) if isinstance(value, str) else str(value)
+
+
+def bad_value(where: str, column: str, value: Any, expected: str) -> DataError:
+  """The error for one cell: "<where>: <column> <value>, expected <expected>"."""
+  return DataError(f"{where}: {column} {show(value)}, expected {expected}")
+
 
 def require_file(manual_dir: epath.Path, relative: str, what: str) -> epath.Path:
   """The file `relative` under `manual_dir`, or a `DataError` saying what it is."""
   path = manual_dir / relative
-  if not path.is_file():
-    raise DataError(f"{path}: file not found; expected {what}")
+  problem = file_problem(os.fspath(path))
+  if problem is not None:
+    raise DataError(f"{path}: {problem}; expected {what}")
   return path
 
 
 def check_columns(
-    table: pd.DataFrame, columns: Sequence[str], source: os.PathLike | str
+    table: pd.DataFrame,
+    columns: Sequence[str],
+    source: os.PathLike | str,
+    names: Sequence[Any] | None = None,
 ) -> None:
-  """A `DataError` naming `source` unless `table` has all `columns`."""
-  missing = [c for c in columns if c not in table.columns]
+  """A `DataError` naming `source` unless `table` has each of `columns` once.
+
+  Other columns, and the order of all of them, do not matter.
+
+  Args:
+    table: the table read.
+    columns: the column names the dataset uses.
+    source: the file (and where in it the names are), for the message.
+    names: the column names as written in the file, when the reader renamed
+      repeated ones (pandas reads a second `Age` as `Age.1`); default: the
+      table's.
+  """
+  names = list(table.columns if names is None else names)
+  missing = [c for c in columns if c not in names]
   if missing:
-    raise DataError(
-        f"{source}: missing column(s) {missing}; found {list(table.columns)}"
-    )
+    raise DataError(f"{source}: missing column(s) {missing}; found {names}")
+  for column in columns:
+    if names.count(column) > 1:
+      raise DataError(
+          f"{source}: column {column!r} appears {names.count(column)} times; "
+          "expected it once"
+      )
+
+
+def _csv_header(path: epath.Path) -> list[str]:
+  """The column names in the first line of a csv file, as written."""
+  with open(os.fspath(path), newline="", encoding="utf-8-sig") as f:
+    return next(csv.reader(f), [])
+
+
+def _long_line(path: epath.Path, width: int) -> str | None:
+  """Where the first csv record with a value beyond field `width` is, or None.
+
+  Empty surplus fields (trailing commas) are ignored.
+  """
+  with open(os.fspath(path), newline="", encoding="utf-8-sig") as f:
+    reader = csv.reader(f)
+    for fields in reader:
+      if any(field.strip() for field in fields[width:]):
+        return f"line {reader.line_num}: {len(fields)} fields"
+  return None
 
 
 def read_csv(
     path: epath.Path, columns: Sequence[str], **kwargs: Any
 ) -> pd.DataFrame:
-  """A csv table that must have `columns`."""
+  """A csv table that must have each of `columns` once (more are ignored).
+
+  A line with values in more fields than the header has is an error: pandas
+  would drop them or, when it is the first data line, silently take the first
+  column as the index and shift every other column by one. Empty surplus
+  fields (trailing commas) are ignored.
+  """
+  expected = "expected a header line of column names, then one line per row"
+  too_long = None
   try:
-    table = pd.read_csv(path, **kwargs)
-  except (ValueError, OSError, UnicodeDecodeError) as e:
-    raise DataError(f"{path}: not a readable csv table ({e})") from e
-  check_columns(table, columns, path)
+    header = _csv_header(path)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always", pd.errors.ParserWarning)
+      table = pd.read_csv(path, index_col=False, **kwargs)
+    if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+      too_long = _long_line(path, len(header))
+  except pd.errors.ParserError as e:
+    too_long = _long_line(path, len(header))
+    if too_long is None:
+      raise DataError(
+          f"{path}: not a readable csv table ({one_line(e)}); {expected}"
+      ) from e
+  except (ValueError, OSError, UnicodeDecodeError, csv.Error) as e:
+    raise DataError(
+        f"{path}: not a readable csv table ({one_line(e)}); {expected}"
+    ) from e
+  if too_long is not None:
+    raise DataError(
+        f"{path} {too_long}, expected at most {len(header)}, one per column of "
+        "the header line"
+    )
+  check_columns(table, columns, path, names=header)
   return table
 
 
@@ -147,17 +303,72 @@ def read_excel(path: epath.Path, **kwargs: Any) -> pd.DataFrame:
   try:
     return pd.read_excel(path, engine="openpyxl", **kwargs)
   except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
-    raise DataError(f"{path}: not a readable xlsx table ({e})") from e
+    raise DataError(
+        f"{path}: not a readable xlsx table ({one_line(e)}); expected an Excel "
+        "workbook"
+    ) from e
 
 
-def to_numbers(values: pd.Series, what: Callable[[Any], str]) -> np.ndarray:
-  """float64 values; `what(label)` names a row whose value is not a number."""
+def header_from_first_row(
+    raw: pd.DataFrame, columns: Sequence[str], source: os.PathLike | str
+) -> pd.DataFrame:
+  """`raw` (read without a header) with its first row as the column names.
+
+  Unlike pandas' own header, repeated names are kept as written, so
+  `check_columns` can report them.
+  """
+  if raw.empty:
+    raise DataError(f"{source}: no rows; expected a row of column names")
+  names = list(raw.iloc[0])
+  check_columns(raw, columns, source, names=names)
+  table = raw.iloc[1:].copy()
+  table.columns = names
+  return table.infer_objects()
+
+
+def to_numbers(
+    values: pd.Series, where: Callable[[Any], str], expected: str = "a number"
+) -> np.ndarray:
+  """float64 values of column `values.name` (NaN where empty).
+
+  Args:
+    values: the column, indexed by what `where` turns into a row's name.
+    where: index label -> where the row is (file and row), for the message.
+    expected: what the values should be, for the message.
+
+  Raises:
+    DataError: a value is not a number.
+  """
   numbers = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
   bad = np.flatnonzero(np.isnan(numbers) & values.notna().to_numpy())
   if len(bad):
     label = values.index[bad[0]]
-    raise DataError(f"{what(label)}: {values.iloc[bad[0]]!r} is not a number")
+    raise bad_value(where(label), str(values.name), values.iloc[bad[0]], expected)
   return numbers
+
+
+def check_ages(
+    ages: np.ndarray,
+    labels: Sequence[Any],
+    where: Callable[[Any], str],
+    column: str,
+    allow_empty: bool = False,
+) -> None:
+  """A `DataError` for the first age that is empty or outside 0..MAX_AGE.
+
+  Args:
+    ages: ages in years (NaN for empty cells).
+    labels: the row of each age, as `where` takes it.
+    where: row -> where the row is (file and row), for the message.
+    column: the age column's name.
+    allow_empty: whether NaN is accepted (rows dropped elsewhere).
+  """
+  expected = f"an age in years, 0 to {MAX_AGE}"
+  empty = np.isnan(ages)
+  bad = (ages < 0) | (ages > MAX_AGE) | (empty & (not allow_empty))
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise bad_value(where(labels[i]), column, ages[i], expected)
 
 
 # --- the builder --------------------------------------------------------------
@@ -225,6 +436,8 @@ class DownloadedImageBuilder(
     self._num_workers = num_workers or _usable_cpus()
     self._show_progress = show_progress
     self._bad_images: list[dict[str, str]] = []
+    self._converted: collections.Counter[str] = collections.Counter()
+    self._manual_dir: epath.Path | None = None
     self._pool = None
     super().__init__(**kwargs)
 
@@ -242,6 +455,11 @@ class DownloadedImageBuilder(
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return self.builder_config.image_shape
+
+  @property
+  def _mode(self) -> str:
+    """The PIL mode of the stored images."""
+    return "L" if self.image_shape[2] == 1 else "RGB"
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = {
@@ -290,6 +508,7 @@ class DownloadedImageBuilder(
     # One decoding pool for all splits, gone when generation ends or fails.
     # spawn, not fork: the parent may hold threads (JAX, TFDS) a fork copies.
     self._bad_images = []
+    self._converted = collections.Counter()
     if self._num_workers <= 1:
       return super()._download_and_prepare(dl_manager, download_config)
     context = multiprocessing.get_context("spawn")
@@ -304,6 +523,7 @@ class DownloadedImageBuilder(
       manual_dir = dl_manager.manual_dir
     except AssertionError as e:  # TFDS's way to say it is missing or empty
       raise DataError(str(e).splitlines()[0]) from e
+    self._manual_dir = manual_dir
     cohort = self._read_cohort(manual_dir).reset_index(drop=True)
     check_columns(
         cohort,
@@ -312,20 +532,25 @@ class DownloadedImageBuilder(
     )
     repeated = cohort["path"][cohort["path"].duplicated()]
     if len(repeated):  # TFDS keys examples by path
-      raise DataError(f"{self.name}: image {repeated.iloc[0]} listed twice")
+      raise DataError(
+          f"{self.name}: image {repeated.iloc[0]} is listed twice; expected "
+          "each image once"
+      )
     if "problem" not in cohort:
       cohort["problem"] = None
+    # Missing and empty files fail the build before anything is decoded.
     unreadable = {}
     for path, problem in zip(cohort["path"], cohort["problem"]):
-      if not isinstance(problem, str) and not (manual_dir / path).is_file():
-        problem = "file not found"
+      if not isinstance(problem, str):
+        problem = file_problem(os.fspath(manual_dir / path))
       if isinstance(problem, str):
         unreadable[path] = problem
     if unreadable and not self._skip_bad_images:
       raise DataError(
-          f"{len(unreadable)} image(s) missing under {manual_dir}: "
+          f"{len(unreadable)} image(s) missing or empty under {manual_dir}: "
           + _list(list(unreadable.items()))
-          + "; pass --skip_bad_images to leave them out"
+          + "; expected the image files of the published layout; pass "
+          "--skip_bad_images to leave them out"
       )
     generators = {}
     for split in datasets.SPLITS:
@@ -360,15 +585,18 @@ class DownloadedImageBuilder(
         unit=" images",
         disable=not self._show_progress,
     )
+    yielded = 0
     with progress:
       images = _load_all(files, load, self._pool)
-      for record, (image, error) in zip(records, images):
+      for record, (image, error, mode) in zip(records, images):
         progress.update()
         if error is not None:
           self._bad_images.append(
               {"split": split, "path": record["path"], "reason": error}
           )
           continue
+        if mode != self._mode:
+          self._converted[mode] += 1
         example = {
             "image": image,
             "label": int(record["label"]),
@@ -376,24 +604,53 @@ class DownloadedImageBuilder(
             "path": record["path"],
         }
         example.update({a: int(record[a]) for a in attributes})
+        yielded += 1
         yield record["path"], example
     # TFDS generates the splits one after the other, in order: after the last
-    # one every bad image is known.
+    # one every bad image is known. A split left empty stops here (TFDS cannot
+    # write it), with the bad images found so far.
+    if not yielded:
+      self._finish(empty_split=split)
     if split == datasets.SPLITS[-1]:
       self._finish()
 
-  def _finish(self) -> None:
-    """Fails the build on bad images, or records the skipped ones."""
+  def _finish(self, empty_split: str | None = None) -> None:
+    """Fails the build on bad images, or records skipped and converted ones.
+
+    Args:
+      empty_split: a split none of whose images could be read: the build
+        fails either way.
+    """
     bad = self._bad_images
     if bad and not self._skip_bad_images:
+      stopped = ""
+      if empty_split is not None:
+        stopped = f" (split {empty_split!r} has no readable image, later splits are unchecked)"
       raise DataError(
-          f"{len(bad)} image(s) could not be read: "
+          f"{len(bad)} image(s) could not be read{stopped}: "
           + _list([(b["path"], b["reason"]) for b in bad])
-          + "; fix or remove them, or pass --skip_bad_images to leave them out"
+          + f"; expected whole 8-bit images under {self._manual_dir}; fix or "
+          "remove them, or pass --skip_bad_images to leave them out"
+      )
+    if empty_split is not None:
+      raise DataError(
+          f"{self.name}: no image of split {empty_split!r} could be read "
+          f"(skipped: {_list([(b['path'], b['reason']) for b in bad])}); "
+          "expected at least one readable image per split"
       )
     self.info.metadata["skipped_images"] = list(bad)
     if bad:
       logging.warning("%s: skipped %d unreadable image(s)", self.name, len(bad))
+    converted = dict(sorted(self._converted.items()))
+    self.info.metadata["converted_images_by_mode"] = converted
+    if converted:
+      logging.warning(
+          "%s: converted %d image(s) to %s: %s",
+          self.name,
+          sum(converted.values()),
+          self._mode,
+          ", ".join(f"{n} from {m}" for m, n in converted.items()),
+      )
 
 
 def _usable_cpus() -> int:

@@ -17,6 +17,23 @@ puts 60 in group 0). Split by lesion: the sorted unique lesion ids go through
 sklearn's train_test_split(test_size=0.2, random_state=0), the held-out part
 again with test_size=0.5 into validation and test. Expected: 9958 images,
 1438 positive; 7967 / 989 / 1002.
+
+Validation and counted handling (errors are one-line `DataError`s naming the
+csv line, the column and the valid values):
+- rows without age or sex are dropped, as in the reference, and counted
+  (`rows_without_age_or_sex_dropped` in the metadata);
+- sex must be male, female or unknown (unknown counts as female, counted in
+  `sex_unknown_counted_as_female`); dx one of the seven diagnoses; age a
+  number of years in 0..120; lesion_id and image_id non-empty;
+- an image_id listed twice is an error (naming both lines); an image found in
+  several image folders is taken from the first (the Kaggle copy ships every
+  image twice) and counted in `images_in_several_folders`;
+- columns are found by name: extra ones are ignored and the order is free,
+  but a used column written twice, or a line with more fields than the
+  header, is an error.
+Images: see `downloaded` (missing, empty or undecodable files fail the build
+or, with --skip_bad_images, are skipped and listed; grayscale or other colour
+modes are converted to RGB and counted).
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ _METADATA = "HAM10000_metadata.csv"
 _COLUMNS = ("lesion_id", "image_id", "dx", "age", "sex")
 _DX = {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
 _MALIGNANT = {"mel", "akiec"}
+_SEX = {"male", "female", "unknown"}
 
 
 def image_folders(manual_dir: epath.Path) -> list[epath.Path]:
@@ -83,32 +101,58 @@ class Ham10000(downloaded.DownloadedImageBuilder, skip_registration=True):
 
   def _read_cohort(self, manual_dir: epath.Path) -> pd.DataFrame:
     csv = downloaded.require_file(manual_dir, _METADATA, "HAM10000's metadata")
-    meta = downloaded.read_csv(csv, _COLUMNS)
-    meta = meta[meta["age"].notna() & meta["sex"].notna()]
+    meta = downloaded.read_csv(csv, _COLUMNS)[list(_COLUMNS)]
     line = lambda i: f"{_METADATA} line {i + 2}"  # noqa: E731 (header = line 1)
-    age = downloaded.to_numbers(meta["age"], line)
-    dx = meta["dx"].to_numpy(dtype=object)
-    bad_dx = [i for i, d in zip(meta.index, dx) if d not in _DX]
-    if bad_dx:
+    examples = {"lesion_id": "HAM_0000118", "image_id": "ISIC_0027419"}
+    for column, example in examples.items():
+      empty = meta[column].isna() | (meta[column].astype(str).str.strip() == "")
+      if empty.any():
+        raise downloaded.bad_value(
+            line(empty.idxmax()), column, None, f"an id like {example}"
+        )
+    repeated = meta["image_id"].duplicated()
+    if repeated.any():
+      i = repeated.idxmax()
+      first = meta.index[meta["image_id"] == meta["image_id"][i]][0]
       raise DataError(
-          f"{line(bad_dx[0])}: dx {meta['dx'][bad_dx[0]]!r}, expected one of "
-          f"{sorted(_DX)}"
+          f"{line(i)}: image_id {meta['image_id'][i]!r} again (first on line "
+          f"{first + 2}); expected one row per image"
       )
+
+    # The reference drops rows without age or sex (10015 -> 9958).
+    kept = meta["age"].notna() & meta["sex"].notna()
+    self.info.metadata["rows_without_age_or_sex_dropped"] = int((~kept).sum())
+    meta = meta[kept]
+    years = f"an age in years, 0 to {downloaded.MAX_AGE}"
+    age = downloaded.to_numbers(meta["age"], line, years)
+    downloaded.check_ages(age, list(meta.index), line, "age")
+    for column, valid in (("dx", _DX), ("sex", _SEX)):
+      bad = ~meta[column].isin(list(valid))
+      if bad.any():
+        i = bad.idxmax()
+        raise downloaded.bad_value(
+            line(i), column, meta[column][i], f"one of {sorted(valid)}"
+        )
+    dx = meta["dx"].to_numpy(dtype=object)
     sex = meta["sex"].to_numpy(dtype=object)
     self.info.metadata["sex_unknown_counted_as_female"] = int(
-        np.sum((sex != "male") & (sex != "female"))
+        np.sum(sex == "unknown")
     )
 
     folders = image_folders(manual_dir)
     found: dict[str, str] = {}
+    in_several = set()
     for folder in folders:
       for image in sorted(folder.glob("*.jpg"), key=lambda p: p.name):
+        if image.stem in found:
+          in_several.add(image.stem)
         found.setdefault(image.stem, image.relative_to(manual_dir).as_posix())
     if not found:
       raise DataError(
           f"{manual_dir}: no ISIC_*.jpg images; expected them in "
           "HAM10000_images_part_1/ and HAM10000_images_part_2/"
       )
+    self.info.metadata["images_in_several_folders"] = len(in_several)
     searched = ", ".join(
         f"{f.relative_to(manual_dir).as_posix() or '.'}/" for f in folders
     )

@@ -11,6 +11,16 @@ file's patient ids with numpy's legacy generator seeded 42, so both eyes of a
 patient share a split; then suspects (Diagnosis 2) are dropped. Label =
 Diagnosis (1 = glaucoma); sex = Gender (1 = female); age = 1 if Age >= 60.
 Expected: 420 images, 87 positive; 288 / 44 / 88.
+
+Validation (a one-line `DataError` naming the file, the patient, the column
+and the valid values; nothing is dropped silently): both files must hold the
+same patients, each once; Gender must be 0 or 1, Diagnosis 0, 1 or 2, Age a
+number of years in 0..120 (an empty Age is an error: the reference would put
+it in group 0 without a word). Columns are found by name in the names row
+after `ID`: extra ones are ignored and the order is free, but a used column
+written twice is an error. Images: see `downloaded` (missing, empty or
+undecodable files fail the build or, with --skip_bad_images, are skipped and
+listed; grayscale or other colour modes are converted to RGB and counted).
 """
 
 from __future__ import annotations
@@ -48,12 +58,18 @@ def read_clinical_table(path: epath.Path) -> pd.DataFrame:
   table = raw.drop(["ID"], axis=0)
   if table.empty:
     raise DataError(f"{path}: no rows after the 'ID' row")
-  table.columns = list(table.iloc[0, :])
+  names = list(table.iloc[0, :])
+  downloaded.check_columns(
+      table, _COLUMNS, f"{path} (names row after 'ID')", names=names
+  )
+  table.columns = names
   table = table[table.index.notna()]
-  downloaded.check_columns(table, _COLUMNS, f"{path} (names row after 'ID')")
   duplicated = table.index[table.index.duplicated()]
   if len(duplicated):
-    raise DataError(f"{path}: patient {duplicated[0]!r} appears twice")
+    raise DataError(
+        f"{path}: patient {duplicated[0]!r} appears twice; expected one row "
+        "per patient"
+    )
   return table
 
 
@@ -78,14 +94,24 @@ def split_patients(patient_ids: list[str]) -> dict[str, str]:
 
 
 def _values(
-    table: pd.DataFrame, column: str, file: str, allowed: set[float] | None
+    table: pd.DataFrame, column: str, file: str, valid: tuple[int, ...] | None
 ) -> np.ndarray:
-  where = lambda patient: f"{file} patient {patient} {column}"  # noqa: E731
-  values = downloaded.to_numbers(table[column], where)
-  for patient, value in zip(table.index, values):
-    if np.isnan(value) or (allowed is not None and value not in allowed):
-      expected = sorted(allowed) if allowed else "a number"
-      raise DataError(f"{where(patient)}: {value!r}, expected {expected}")
+  """Column `column` of `table` as numbers, each in `valid` (None: an age)."""
+  where = lambda patient: f"{file} patient {patient}"  # noqa: E731
+  if valid is None:
+    expected = f"an age in years, 0 to {downloaded.MAX_AGE}"
+  else:
+    expected = f"one of {list(valid)}"
+  values = downloaded.to_numbers(table[column], where, expected)
+  if valid is None:
+    downloaded.check_ages(values, list(table.index), where, column)
+    return values
+  bad = np.flatnonzero(~np.isin(values, valid))  # NaN (empty) is never valid
+  if len(bad):
+    i = bad[0]
+    raise downloaded.bad_value(
+        where(table.index[i]), column, table[column].iloc[i], expected
+    )
   return values
 
 
@@ -117,19 +143,20 @@ class Papila(downloaded.DownloadedImageBuilder, skip_registration=True):
         for eye, file in _CLINICAL.items()
     }
     od_ids = list(tables["OD"].index)
-    missing = [p for p in od_ids if p not in tables["OS"].index]
-    if missing:
-      raise DataError(
-          f"{_CLINICAL['OS']}: patient {missing[0]!r} of {_CLINICAL['OD']} is "
-          "missing; expected the same patients in both files"
-      )
+    for eye, other in (("OS", "OD"), ("OD", "OS")):
+      missing = [p for p in tables[other].index if p not in tables[eye].index]
+      if missing:
+        raise DataError(
+            f"{_CLINICAL[eye]}: patient {missing[0]!r} of {_CLINICAL[other]} "
+            "is missing; expected the same patients in both files"
+        )
     split_of = split_patients(od_ids)
     rows = []
     for eye, file in _CLINICAL.items():
       table = tables[eye].loc[od_ids]
       age = _values(table, "Age", file, None)
-      gender = _values(table, "Gender", file, {0.0, 1.0})
-      diagnosis = _values(table, "Diagnosis", file, {0.0, 1.0, 2.0})
+      gender = _values(table, "Gender", file, (0, 1))
+      diagnosis = _values(table, "Diagnosis", file, (0, 1, 2))
       for i, patient in enumerate(od_ids):
         if diagnosis[i] == 2:  # glaucoma suspect
           continue
