@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint.every = 1  # epochs between resumable saves
 
   config.progress = True  # progress bar over epochs
+  # Persistent XLA compilation cache shared by all runs ('' = off): a rerun,
+  # and every study run after the first, loads its executables from here.
+  config.compilation_cache_dir = "~/.cache/ncjax/xla"
 
   # The study: dataset-attribute combinations ('attr' of this dataset, or
   # 'dataset:attr' with that dataset's config); empty = one run of

@@ -114,7 +114,7 @@ def restore_stage(workdir: str, member: str, stage: str) -> dict[str, Any]:
   with open(os.path.join(workdir, train.RUN_FILE)) as f:
     image_shape = tuple(json.load(f)["image_shape"])
   template = train.abstract_variables(config, image_shape)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   template = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
   )

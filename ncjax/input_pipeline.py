@@ -131,16 +131,33 @@ def chunk_size(n: int, max_chunk: int, multiple: int = 1) -> int:
 
 
 def to_device(split: HostSplit, chunk: int, replicated) -> DeviceSplit:
-  """Uploads a split once, replicated over the mesh (`replicated` sharding)."""
+  """Uploads a split once, replicated over the mesh (`replicated` sharding).
+
+  In a multi-process run the images are instead sharded by rows over the
+  mesh: each process uploads only the rows its devices hold, and a step's
+  gather of random rows (or an evaluation chunk) fetches what it needs from
+  the other processes' devices. Labels, groups and masks stay replicated.
+  """
   chunk = chunk_size(len(split), chunk, jax.device_count())
   put = lambda x: jax.device_put(pad_rows(x, chunk), replicated)
   return DeviceSplit(
-      images=put(split.images),
+      images=put(split.images) if jax.process_count() == 1 else _row_sharded(
+          pad_rows(split.images, chunk), replicated.mesh
+      ),
       groups=put(split.groups.astype(np.int32)),
       valid=put(np.ones(len(split), bool)),
       size=len(split),
       chunk=chunk,
   )
+
+
+def _row_sharded(rows: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+  """`rows` as a global array sharded by rows, from this process's slice."""
+  sharding = jax.NamedSharding(mesh, jax.P("data"))
+  slices = sharding.addressable_devices_indices_map(rows.shape).values()
+  start = min(s[0].start or 0 for s in slices)
+  stop = max(s[0].stop or len(rows) for s in slices)
+  return jax.make_array_from_process_local_data(sharding, rows[start:stop], rows.shape)
 
 
 def labels_to_device(labels: np.ndarray, chunk: int, replicated) -> jax.Array:

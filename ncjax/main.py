@@ -22,6 +22,13 @@ _DEFAULT_CONFIG = os.path.join(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs, checkpoints, report.")
 flags.mark_flags_as_required(["workdir"])
+# Multi-process runs (every process runs the same command with its own id);
+# on SLURM and multi-host TPU VMs they are detected and may be left out.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 of a multi-process run."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def _define_config_flag():
@@ -49,8 +56,16 @@ def main(argv, config_flag) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so that --help is fast.
-  from ncjax import study, train  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from ncjax import runtime, study, train  # pylint: disable=import-outside-toplevel
   from ncjax.errors import NcjaxError  # pylint: disable=import-outside-toplevel
+
+  try:
+    runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
   # Orbax and TFDS log every file they write at INFO.
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -67,6 +82,8 @@ def main(argv, config_flag) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   minutes, seconds = divmod(time.perf_counter() - t0, 60)
+  if jax.process_index() != 0:
+    return 0
   if config.study.combos:
     print(f"report: {result['report']}")
     print(f"results in {workdir} (summary.json, report/, combos/, separability/)")

@@ -27,7 +27,9 @@ import multiprocessing
 import os
 from typing import Any
 
-from ncjax import evaluate, input_pipeline, metric_writers, train
+import jax
+
+from ncjax import evaluate, input_pipeline, metric_writers, runtime, train
 from ncjax import workdir as workdir_lib
 from ncjax.errors import ConfigError, NcjaxError
 
@@ -103,6 +105,7 @@ def run(config, workdir: str, overrides: dict[str, Any] | None = None) -> dict[s
   """Runs (or resumes) the whole study in `workdir` and writes the report."""
   from ncjax import report, study_results  # pylint: disable=import-outside-toplevel
 
+  runtime.setup(config)
   pairs = combos(config)
   if config.study.separability and config.study.separability_epochs < 1:
     raise ConfigError("study.separability_epochs must be >= 1")
@@ -121,13 +124,18 @@ def run(config, workdir: str, overrides: dict[str, Any] | None = None) -> dict[s
           os.path.join(workdir, "separability", name),
           separability_config(config, dataset, attribute),
       ))  # fmt: skip
+  # Longest first, so that parallel workers finish together.
+  jobs.sort(key=lambda job: -_member_epochs(job[1]))
   failures, timings = {}, {}
-  workers = min(config.study.workers, len(jobs))
+  # A multi-process run trains each job with all processes together.
+  workers = min(config.study.workers, len(jobs)) if jax.process_count() == 1 else 1
   for _, job_config in jobs:
     try:
-      input_pipeline.ensure_prepared(job_config)  # once, before parallel jobs
+      if jax.process_index() == 0:
+        input_pipeline.ensure_prepared(job_config)  # once, before parallel jobs
     except NcjaxError:
       pass  # reported by the job itself, with the others still running
+  runtime.sync("ncjax_study_prepared")
   if workers > 1:
     for _, job_config in jobs:
       job_config.progress = False  # the parent draws one bar for all jobs
@@ -144,6 +152,8 @@ def run(config, workdir: str, overrides: dict[str, Any] | None = None) -> dict[s
         f"{len(failures)} of {len(jobs)} runs failed: "
         + "; ".join(f"{k}: {v}" for k, v in failures.items())
     )
+  if jax.process_index() != 0:
+    return {"summary": None, "report": None, "seconds": timings}
   summary = study_results.write_summary(workdir)
   print(f"summary: {os.path.join(workdir, 'summary.json')}", flush=True)
   report_path = report.write_report(workdir)
@@ -154,15 +164,20 @@ def _job(job_dir: str, job_config) -> float | str:
   """Train + evaluate one workdir; its wall seconds, or the error message."""
   try:
     summary = train.train_and_evaluate(job_config, job_dir)
-    evaluate.run(job_dir)
+    # Stage evaluation is small: process 0 does it on its own devices.
+    if jax.process_index() == 0:
+      evaluate.run(job_dir)
+    runtime.sync(f"ncjax_evaluated_{job_dir}")
   except NcjaxError as e:
     return str(e)
   t = summary["seconds"]
-  print(
-      f"done: {job_dir} ({summary['wall_seconds']:.0f} s; NC metrics "
-      f"{100 * t['nc'] / max(t['train'], 1e-9):.0f}% of the training time)",
-      flush=True,
-  )
+  if jax.process_index() == 0:
+    print(
+        f"done: {job_dir} ({summary['wall_seconds']:.0f} s, compiling "
+        f"{summary['compile_seconds']:.0f} s; NC metrics "
+        f"{100 * t['nc'] / max(t['train'], 1e-9):.0f}% of the training time)",
+        flush=True,
+    )
   return float(summary["wall_seconds"])
 
 
@@ -194,12 +209,16 @@ def _follow(pending, jobs) -> None:
   """A progress bar (with ETA) over the member-epochs of all jobs."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  total = sum(len(c.seeds) * len(c.bias.rates) * c.epochs for _, c in jobs)
+  total = sum(_member_epochs(c) for _, c in jobs)
   with tqdm(total=total, desc="study", unit="member-epoch", dynamic_ncols=True) as bar:
     while not pending.ready():
       pending.wait(5)
       done = sum(_validation_records(d) for d, _ in jobs)
       bar.update(min(done, total) - bar.n)
+
+
+def _member_epochs(config) -> int:
+  return len(config.seeds) * len(config.bias.rates) * config.epochs
 
 
 def _validation_records(workdir: str) -> int:

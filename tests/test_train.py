@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -157,6 +158,52 @@ def test_four_fake_devices_give_the_same_losses(tiny_run, tmp_path):
   assert one.keys() == four.keys()
   for member in {k[1] for k in one}:
     _assert_member_equal(one, four, member, rtol=1e-4)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tiny_run, tmp_path):
+  """jax.distributed on localhost: two CPU processes (one device each) give
+  the single-process run's metrics and stage checkpoints."""
+  config, workdir, _ = tiny_run
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = tmp_path / "two"
+  port = _free_port()
+  procs = [
+      subprocess.Popen(
+          [
+              sys.executable, "-m", "ncjax.main", "--config=configs/synthetic.py:tiny",
+              f"--config.dataset.data_dir={config.dataset.data_dir}", f"--workdir={out}",
+              "--config.study.combos=()", f"--coordinator_address=localhost:{port}",
+              "--num_processes=2", f"--process_id={i}",
+          ],
+          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      )
+      for i in range(2)
+  ]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+  with open(out / "train_summary.json") as f:
+    assert json.load(f)["devices"] == 2
+  one, two = _by_key(_records(workdir)), _by_key(_records(str(out)))
+  assert one.keys() == two.keys()  # written once (process 0), nothing missing
+  for key, record in one.items():  # losses, accuracies, every NC metric
+    assert record.keys() == two[key].keys()
+    for field, value in record.items():
+      if isinstance(value, float):
+        assert two[key][field] == pytest.approx(value, rel=1e-3, abs=1e-5), (key, field)
+  for member in {k[1] for k in one}:
+    _assert_member_equal(one, two, member, rtol=1e-4)
+    for stage in checkpoints.STAGES:
+      a = checkpoints.restore_stage(workdir, member, stage)
+      b = checkpoints.restore_stage(str(out), member, stage)
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
 
 
 def test_resume_from_latest_checkpoint_replays_identically(tiny_run, tmp_path):
