@@ -6,6 +6,7 @@ Layout:
   tensorboard/       one TensorBoard run per member
   bias/              flipped example ids per member and split
   checkpoints/       Orbax: latest/ (resume), <member>/early, <member>/final
+  train_summary.json early-stopping epoch per member, timings; written last
 
 A workdir belongs to one config: starting a run in a workdir written by a
 different config fails before anything is written, naming the fields that
@@ -26,9 +27,11 @@ import jax
 from ncjax.errors import WorkdirError
 
 CONFIG_FILE = "config.json"
+TRAIN_SUMMARY_FILE = "train_summary.json"  # the last file train_and_evaluate writes
 # Fields that do not change what a run computes.
 _RUNTIME_FIELDS = (
     "dataset.data_dir", "progress", "members.strategy", "checkpoint.every", "study.workers",
+    "compilation_cache_dir",
 )
 
 
@@ -89,6 +92,26 @@ def write_config(workdir: str, config, overrides: Mapping[str, Any] | None = Non
   with open(tmp, "w") as f:
     json.dump(payload, f, indent=2, sort_keys=True, default=str)
   os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def finished(workdir: str) -> bool:
+  """Whether `workdir` holds a finished run: rerunning it would change nothing.
+
+  A training workdir is finished once `train.train_and_evaluate` has written
+  train_summary.json, its last file (after the final epoch and the stage
+  checkpoints); a study workdir (`study.combos` set) once `study.run` has
+  written summary.json and the report, which it does only after every job
+  trained and was evaluated.
+  """
+  config = read_config(workdir)["config"]
+  if (config.get("study") or {}).get("combos"):
+    # Imported here: only studies need the report's file names.
+    from ncjax import report, study_results  # pylint: disable=import-outside-toplevel
+
+    return os.path.exists(os.path.join(workdir, study_results.SUMMARY_FILE)) and os.path.exists(
+        os.path.join(workdir, report.REPORT_DIR, report.REPORT_FILE)
+    )
+  return os.path.exists(os.path.join(workdir, TRAIN_SUMMARY_FILE))
 
 
 def read_config(workdir: str) -> dict[str, Any]:
