@@ -52,15 +52,16 @@ def _builder_kwargs(config) -> dict:
   return {"image_size": size} if size else {}
 
 
-def ensure_prepared(config) -> None:
-  """Generates the configured dataset if it is procedural and missing."""
-  datasets.ensure_prepared(
+def ensure_prepared(config):
+  """The configured dataset's TFDS builder, generated first if it is
+  procedural and missing (a real dataset that is not prepared raises)."""
+  return datasets.ensure_prepared(
       config.dataset.name, data_dir=data_dir(config), **_builder_kwargs(config)
   )
 
 
-def load(config) -> dict[str, HostSplit]:
-  """The train, validation and test splits of the configured dataset."""
+def check_attribute(config) -> None:
+  """Fails if the studied attribute or the target is not the dataset's."""
   name, attribute = config.dataset.name, config.dataset.attribute
   if name == "synthetic":
     valid = sorted(config.dataset.synthetic.attributes)
@@ -76,6 +77,12 @@ def load(config) -> dict[str, HostSplit]:
         f"target must be 'label' or the studied attribute {attribute!r}, "
         f"got {config.target!r}"
     )
+
+
+def load(config) -> dict[str, HostSplit]:
+  """The train, validation and test splits of the configured dataset."""
+  check_attribute(config)
+  name, attribute = config.dataset.name, config.dataset.attribute
   out = {}
   for split in datasets.SPLITS:
     s = datasets.load_split(

@@ -79,6 +79,20 @@ _INDEX_FIELDS = {"epoch", "seed", "bias_rate", "member", "split"}
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
-  """All records of a metrics.jsonl file (None stands for NaN)."""
+  """All records of a metrics.jsonl file (None stands for NaN).
+
+  A last line cut short (a run killed while appending) is left out: its
+  epoch has no checkpoint yet, so a resumed run writes it again. A broken
+  line anywhere else is an error.
+  """
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i == len(lines) - 1 and not line.endswith("\n"):
+        break
+      raise ValueError(f"{path} line {i + 1} is not a JSON record") from None
+  return records

@@ -25,6 +25,8 @@ import importlib.util
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from typing import Any
 
 import jax
@@ -109,10 +111,6 @@ def run(config, workdir: str, overrides: dict[str, Any] | None = None) -> dict[s
   pairs = combos(config)
   if config.study.separability and config.study.separability_epochs < 1:
     raise ConfigError("study.separability_epochs must be >= 1")
-  workdir_lib.check_config(workdir, config)
-  workdir_lib.check_writable(workdir)
-  workdir_lib.write_config(workdir, config, overrides)
-
   jobs = []
   for dataset, attribute in pairs:
     name = combo_name(dataset, attribute)
@@ -124,6 +122,11 @@ def run(config, workdir: str, overrides: dict[str, Any] | None = None) -> dict[s
           os.path.join(workdir, "separability", name),
           separability_config(config, dataset, attribute),
       ))  # fmt: skip
+  for _, job_config in jobs:  # a typo in a combination fails before anything is written
+    input_pipeline.check_attribute(job_config)
+  workdir_lib.check_config(workdir, config)
+  workdir_lib.check_writable(workdir)
+  workdir_lib.write_config(workdir, config, overrides)
   # Longest first, so that parallel workers finish together.
   jobs.sort(key=lambda job: -_member_epochs(job[1]))
   failures, timings = {}, {}
@@ -196,13 +199,27 @@ def _run_jobs(jobs, workers: int, *, progress: bool) -> list[float | str]:
   os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
   try:
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, maxtasksperchild=1) as pool:
+    with context.Pool(
+        workers, maxtasksperchild=1, initializer=_exit_with_parent, initargs=(os.getpid(),)
+    ) as pool:
       pending = pool.starmap_async(_job, jobs, chunksize=1)
       if progress:
         _follow(pending, jobs)
       return pending.get()
   finally:
     os.environ["XLA_FLAGS"] = flags
+
+
+def _exit_with_parent(parent: int) -> None:
+  """Ends this worker if the study process dies (kill -9 leaves pool workers
+  running, and a rerun would then share their workdirs)."""
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1)
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True).start()
 
 
 def _follow(pending, jobs) -> None:

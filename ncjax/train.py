@@ -186,6 +186,17 @@ def abstract_variables(config, image_shape) -> dict[str, Any]:
   return {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
 
 
+def checkpoint_bytes(config, image_shape, num_members: int) -> int:
+  """Disk a run's checkpoints take at most: per member, three latest states
+  (two kept, one being written; each params + optimizer moments + batch
+  statistics, and the early-stopping copy) and the two stage variables."""
+  variables = abstract_variables(config, image_shape)
+  size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(variables))
+  moments = 2 if config.optimizer.name in ("adam", "adamw") else 1
+  per_member = 3 * (size * (2 + moments)) + 2 * size
+  return num_members * per_member + (16 << 20)  # + logs, metadata
+
+
 # ------------------------------------------------------------------ the steps
 
 
@@ -370,12 +381,18 @@ def validate(config, num_train: int) -> None:
     raise ConfigError("nc.every and checkpoint.every must be >= 1")
 
 
+def _must_be_finite(key: str) -> bool:
+  """Losses and the NC metrics of the whole split. Per-group values may be
+  undefined (NaN) when a group lacks a class, so they are not checked."""
+  return key in ("loss", "batch_loss") or (key.startswith("nc") and "/" not in key)
+
+
 def _check_finite(records, epoch: int) -> None:
   for r in records:
-    for key in ("loss", "batch_loss"):
-      if key in r and not math.isfinite(r[key]):
+    for key, value in r.items():
+      if _must_be_finite(key) and not math.isfinite(value):
         raise NonFiniteError(
-            f"non-finite {r['split']} {key} ({r[key]}) for member {r['member']} "
+            f"non-finite {r['split']} {key} ({value}) for member {r['member']} "
             f"at epoch {epoch}; the last good checkpoint is kept"
         )
 
@@ -417,6 +434,7 @@ def train_and_evaluate(
   validate(config, num_train)
   resumed = workdir_lib.check_config(workdir, config)
   workdir_lib.check_writable(workdir)
+  workdir_lib.check_free_space(workdir, checkpoint_bytes(config, splits["train"].images.shape[1:], len(members)))
   workdir_lib.write_config(workdir, config, overrides)
   runtime.sync("ncjax_config_written")
 
@@ -517,58 +535,62 @@ def train_and_evaluate(
   # ---- epoch loop
   timings = {"train": 0.0, "eval": 0.0, "nc": 0.0, "checkpoint": 0.0}
   progress = _progress(config, start_epoch)
-  for epoch in range(start_epoch + 1, config.epochs + 1):
-    t0 = time.perf_counter()
-    states, batch_metrics = _train_epoch(
-        step_fn, perm_fn, strategy, states, data_keys, aug_keys, labels,
-        dev["train"].images, steps_per_epoch,
-    )
-    jax.block_until_ready(states)
-    t1 = time.perf_counter()
-    # Validation every epoch (early stopping); train and test with the NC
-    # metrics, every nc.every epochs and at the last.
-    with_nc = epoch % config.nc.every == 0 or epoch == config.epochs
-    splits_now = dev if with_nc else {"validation": dev["validation"]}
-    records = []
-    for m in members:
-      records += _evaluate_member(
-          m, epoch, states[m.name].variables, splits_now, labels[m.name], eval_fn, metrics_fn,
-          (nc_fn, means_fn, flipped_dev[m.name]) if with_nc else None, timings,
+  # An error (e.g. a non-finite loss) still finishes the pending checkpoint
+  # save, so the last good epoch stays resumable.
+  try:
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+      t0 = time.perf_counter()
+      states, batch_metrics = _train_epoch(
+          step_fn, perm_fn, strategy, states, data_keys, aug_keys, labels,
+          dev["train"].images, steps_per_epoch,
       )
-    if not with_nc:  # the training loss is logged every epoch all the same
-      records += [
-          {**_index(m, epoch, "train"), "batch_loss": batch_metrics[m.name]["loss"]}
-          for m in members
-      ]
-    for r in records:
-      if r["split"] == "train":
-        r["batch_loss"] = batch_metrics[r["member"]]["loss"]
-    _check_finite(records, epoch)
-    for m in members:
-      val = next(r for r in records if r["member"] == m.name and r["split"] == "validation")
-      early[m.name] = _early_update(early[m.name], val["loss"], epoch, config)
-      if early[m.name].best_epoch == epoch:
-        early_vars[m.name] = _copy(states[m.name].variables)
-    t2 = time.perf_counter()
-    writer.write(records)
-    if epoch % config.checkpoint.every == 0 or epoch == config.epochs:
-      latest.save(
-          epoch,
-          {"states": states, "early": early_vars},
-          {"epoch": epoch, "early_stopping": {k: _es_dict(v) for k, v in early.items()}},
-      )
-    t3 = time.perf_counter()
-    timings["train"] += t1 - t0
-    timings["eval"] += t2 - t1
-    timings["checkpoint"] += t3 - t2
+      jax.block_until_ready(states)
+      t1 = time.perf_counter()
+      # Validation every epoch (early stopping); train and test with the NC
+      # metrics, every nc.every epochs and at the last.
+      with_nc = epoch % config.nc.every == 0 or epoch == config.epochs
+      splits_now = dev if with_nc else {"validation": dev["validation"]}
+      records = []
+      for m in members:
+        records += _evaluate_member(
+            m, epoch, states[m.name].variables, splits_now, labels[m.name], eval_fn, metrics_fn,
+            (nc_fn, means_fn, flipped_dev[m.name]) if with_nc else None, timings,
+        )
+      if not with_nc:  # the training loss is logged every epoch all the same
+        records += [
+            {**_index(m, epoch, "train"), "batch_loss": batch_metrics[m.name]["loss"]}
+            for m in members
+        ]
+      for r in records:
+        if r["split"] == "train":
+          r["batch_loss"] = batch_metrics[r["member"]]["loss"]
+      _check_finite(records, epoch)
+      for m in members:
+        val = next(r for r in records if r["member"] == m.name and r["split"] == "validation")
+        early[m.name] = _early_update(early[m.name], val["loss"], epoch, config)
+        if early[m.name].best_epoch == epoch:
+          early_vars[m.name] = _copy(states[m.name].variables)
+      t2 = time.perf_counter()
+      writer.write(records)
+      if epoch % config.checkpoint.every == 0 or epoch == config.epochs:
+        latest.save(
+            epoch,
+            {"states": states, "early": early_vars},
+            {"epoch": epoch, "early_stopping": {k: _es_dict(v) for k, v in early.items()}},
+        )
+      t3 = time.perf_counter()
+      timings["train"] += t1 - t0
+      timings["eval"] += t2 - t1
+      timings["checkpoint"] += t3 - t2
+      if progress is not None:
+        val_loss = np.mean([r["loss"] for r in records if r["split"] == "validation"])
+        progress.set_postfix(val_loss=f"{val_loss:.3f}")
+        progress.update(1)
+  finally:
     if progress is not None:
-      val_loss = np.mean([r["loss"] for r in records if r["split"] == "validation"])
-      progress.set_postfix(val_loss=f"{val_loss:.3f}")
-      progress.update(1)
-  if progress is not None:
-    progress.close()
-  latest.close()
-  writer.close()
+      progress.close()
+    latest.close()
+    writer.close()
 
   # ---- stages
   checkpoints.save_stages(

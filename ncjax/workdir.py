@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -57,6 +58,16 @@ def check_writable(workdir: str) -> None:
       pass
   except OSError as e:
     raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror}") from None
+
+
+def check_free_space(workdir: str, needed_bytes: int) -> None:
+  """Fails now if the disk under `workdir` cannot hold the run's checkpoints."""
+  free = shutil.disk_usage(workdir).free
+  if free < needed_bytes:
+    raise WorkdirError(
+        f"workdir {workdir} has {free / 2**20:.0f} MiB free on its disk; this run's "
+        f"checkpoints need about {needed_bytes / 2**20:.0f} MiB"
+    )
 
 
 def check_config(workdir: str, config) -> bool:

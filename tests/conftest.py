@@ -41,3 +41,17 @@ def tiny_run(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   summary = train.train_and_evaluate(config, workdir)
   return config, workdir, summary
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory, data_dir):
+  """(config, study dir, result) of the tiny study (`ncjax.study.run`: two
+  attributes with separability models), shared read-only."""
+  from ncjax import study  # pylint: disable=import-outside-toplevel
+
+  config = synthetic_config.get_config("tiny")
+  config.dataset.data_dir = data_dir
+  config.study.workers = 1
+  workdir = str(tmp_path_factory.mktemp("study"))
+  result = study.run(config, workdir)
+  return config, workdir, result

@@ -8,19 +8,9 @@ import os
 import pytest
 
 from ncjax import study
-from ncjax.errors import NcjaxError
+from ncjax.errors import ConfigError, NcjaxError
 
-
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory, data_dir):
-  from configs import synthetic  # pylint: disable=import-outside-toplevel
-
-  config = synthetic.get_config("tiny")
-  config.dataset.data_dir = data_dir
-  config.study.workers = 1
-  workdir = str(tmp_path_factory.mktemp("study"))
-  result = study.run(config, workdir)
-  return config, workdir, result
+# `tiny_study` (conftest.py) is the session's tiny study, shared with the colab tests.
 
 
 def test_study_trains_every_combination_and_separability_model(tiny_study):
@@ -55,8 +45,20 @@ def test_rerun_redoes_nothing(tiny_study):
 def test_a_failing_combination_is_named_and_the_others_finish(tiny_study, tmp_path):
   config, _, _ = tiny_study
   config = config.copy_and_resolve_references()
-  config.study.combos = ("high", "nosuchattribute")
+  # PAPILA is not prepared in the test's data_dir: that job fails on its own.
+  config.study.combos = ("high", "papila:sex")
   config.study.separability = False
-  with pytest.raises(NcjaxError, match=r"1 of 2 runs failed: combos/synthetic-nosuchattribute"):
+  with pytest.raises(NcjaxError, match=r"1 of 2 runs failed: combos/papila-sex: .*not prepared"):
     study.run(config, str(tmp_path))
   assert os.path.exists(tmp_path / "combos" / "synthetic-high" / "stage_eval.jsonl")
+
+
+def test_a_combination_naming_an_unknown_attribute_fails_before_anything_runs(
+    tiny_study, tmp_path
+):
+  config, _, _ = tiny_study
+  config = config.copy_and_resolve_references()
+  config.study.combos = ("high", "hihg")
+  with pytest.raises(ConfigError, match=r"'hihg' is not an attribute .*valid: \['high', 'low'"):
+    study.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
