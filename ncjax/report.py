@@ -203,14 +203,16 @@ def _tau_short(t: dict[str, Any]) -> str:
   return f"τ = {_num(t['tau'], 2)}, p = {_p(t['p'])}"
 
 
-def fig3_split(summary, path: str) -> str:
-  """Fig. 3: SPLIT AUC against separability AUC, one point per combination."""
+def fig3_split(summary, path: str, stages: Sequence[str] = sr.STAGES) -> str:
+  """Fig. 3: SPLIT AUC against separability AUC, one point per combination;
+  one panel per stage in `stages`."""
   combos = summary["combos"]
-  fig = Figure(figsize=(11, 5.2), layout="constrained")
+  fig = Figure(figsize=(1.5 + 4.75 * len(stages), 5.2), layout="constrained")
   FigureCanvasAgg(fig)
-  axes = fig.subplots(1, 2)
-  fig.suptitle("SPLIT AUC of the disease models' features vs subgroup separability "
-               "(mean ± sd over seeds)")
+  axes = fig.subplots(1, len(stages), squeeze=False)[0]
+  # One panel is too narrow for the title on one line.
+  fig.suptitle("SPLIT AUC of the disease models' features vs subgroup separability"
+               + (" " if len(stages) > 1 else "\n") + "(mean ± sd over seeds)")
   vals = []  # every mean +- sd, so that no error bar runs off the axes
   for c in combos.values():
     per_seed = [c["separability_auc"]]
@@ -220,7 +222,7 @@ def fig3_split(summary, path: str) -> str:
       vals += [mean - np.nan_to_num(sd), mean + np.nan_to_num(sd)]
   finite = [v for v in vals if not math.isnan(v)] or [0.5, 1.0]
   lo, hi = max(0.0, min(finite) - 0.05), min(1.02, max(finite) + 0.05)
-  for ax, stage, letter in zip(axes, sr.STAGES, "ab", strict=True):
+  for ax, stage, letter in zip(axes, stages, "abcd", strict=False):
     ax.plot([lo, hi], [lo, hi], color="0.5", linewidth=1, label="y = x")
     for i, (name, c) in enumerate(combos.items()):
       x, xs, _ = sr.mean_sd(c["separability_auc"])
@@ -285,15 +287,17 @@ def _bars(ax, summary, stage, field, ylabel, *, stars: bool):
   ax.grid(axis="y", alpha=0.3)
 
 
-def fig4_deltas(summary, path: str) -> str:
-  """Fig. 4: biased - clean test NC1 and F1 per group; * where p < alpha."""
+def fig4_deltas(summary, path: str, stages: Sequence[str] = sr.STAGES) -> str:
+  """Fig. 4: biased - clean test NC1 and F1 per group; * where p < alpha.
+  One row per stage in `stages`."""
   n = len(summary["combos"])
-  fig = Figure(figsize=(min(16.0, max(9.0, 1.2 * n + 4)), 7.5), layout="constrained")
+  width = min(16.0, max(9.0, 1.2 * n + 4))
+  fig = Figure(figsize=(width, 0.9 + 3.3 * len(stages)), layout="constrained")
   FigureCanvasAgg(fig)
-  axes = fig.subplots(2, 2)
+  axes = fig.subplots(len(stages), 2, squeeze=False)
   fig.suptitle(f"Biased − clean models on the clean test set (mean ± sd); "
                f"* Mann-Whitney p < {summary['alpha']:g} (uncorrected)")
-  for row, stage in enumerate(sr.STAGES):
+  for row, stage in enumerate(stages):
     _bars(axes[row, 0], summary, stage, "delta_nc1_test", "Δ test NC1 (biased − clean)",
           stars=False)
     _bars(axes[row, 1], summary, stage, "delta_f1", "Δ F1 (biased − clean)", stars=True)

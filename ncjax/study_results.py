@@ -33,6 +33,9 @@ sentence. Its shape (NaN -> null, per-seed lists ordered as "seeds"):
 given); every nonzero rate has its entry in `by_rate`. Holm's adjustment runs
 over the tests of one figure: Fig. 4 (per stage, combos x groups at the main
 rate), and the delta-F1-vs-rate figure (per stage, combos x groups x rates).
+
+`select_combos` and `add_curves` make views of a summary (some combinations;
+curves of metrics the summary does not keep) for `colabs/report.ipynb`.
 """
 
 from __future__ import annotations
@@ -163,7 +166,10 @@ def _compare(clean, biased, groups, alternative) -> dict[str, Any]:
 # ------------------------------------------------------------------ curves
 
 
-def _curves(records, rate_of_group: dict[str, float], rates: Sequence[float]) -> dict[str, Any]:
+def _curves(
+    records, rate_of_group: dict[str, float], rates: Sequence[float],
+    keys: Sequence[str] = CURVE_KEYS,
+) -> dict[str, Any]:
   """Mean and sd over seeds per epoch, per split, key and bias group.
 
   Epochs where a key was not measured (NC every `config.nc.every` epochs) are
@@ -177,7 +183,7 @@ def _curves(records, rate_of_group: dict[str, float], rates: Sequence[float]) ->
   out: dict[str, Any] = {}
   for split in SPLITS:
     per_split = {}
-    for key in CURVE_KEYS:
+    for key in keys:
       epochs = [
           e for e in all_epochs
           if any(r.get(key) is not None for rate in rates for r in cells.get((split, e, rate), ()))
@@ -420,3 +426,54 @@ def load_summary(study_dir: str) -> dict[str, Any]:
   """STUDY/summary.json as written by `write_summary` (None stands for NaN)."""
   with open(os.path.join(study_dir, SUMMARY_FILE)) as f:
     return json.load(f)
+
+
+# ------------------------------------------------------------- views (colabs)
+
+
+def select_combos(summary: dict[str, Any], names: Sequence[str] | None) -> dict[str, Any]:
+  """The summary of the combinations `names` only (in that order); None = all.
+
+  Kendall's tau is recomputed over the selected combinations; Holm-adjusted
+  p-values stay those of the whole study's families.
+  """
+  if names is None:
+    return summary
+  unknown = [n for n in names if n not in summary["combos"]]
+  if unknown:
+    raise KeyError(f"no combination {unknown} in the summary; valid: {list(summary['combos'])}")
+  combos = {n: summary["combos"][n] for n in names}
+  return {
+      **summary,
+      "combos": combos,
+      "kendall_tau": jsonable({s: _kendall(combos, s, "biased") for s in STAGES}),
+      "kendall_tau_clean": jsonable({s: _kendall(combos, s, "clean") for s in STAGES}),
+  }
+
+
+def add_curves(
+    summary: dict[str, Any], study_dir: str, curves: Iterable[tuple[str, str]]
+) -> dict[str, Any]:
+  """The summary with the (split, key) curves it lacks, from metrics.jsonl.
+
+  The summary keeps only `CURVE_KEYS`; any other logged metric (e.g.
+  'nc1_own/g1', 'nc2_etf_m') is summarised here the same way: mean and sd
+  over seeds per epoch, clean and biased at the combination's main rate.
+  """
+  wanted = list(curves)
+  combos = {}
+  for name, c in summary["combos"].items():
+    missing = sorted({k for split, k in wanted if k not in c["curves"].get(split, {})})
+    if not missing:
+      combos[name] = c
+      continue
+    records = _read_jsonl(os.path.join(study_dir, "combos", name, "metrics.jsonl"))
+    new = jsonable(
+        _curves(records, {"clean": 0.0, "biased": c["main_rate"]}, c["rates"], keys=missing)
+    )
+    merged = {split: dict(c["curves"].get(split, {})) for split in SPLITS}
+    for split, key in wanted:
+      if key not in merged[split] and key in new.get(split, {}):
+        merged[split][key] = new[split][key]
+    combos[name] = {**c, "curves": merged}
+  return {**summary, "combos": combos}
