@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   # are slow; vmap on GPU/TPU).
   config.members = ml_collections.ConfigDict()
   config.members.strategy = "auto"
+  # vmap only: members stacked into one step at a time (0 = all), to bound
+  # accelerator memory with many large members.
+  config.members.per_step = 0
 
   config.nc = ml_collections.ConfigDict()
   config.nc.every = 1  # epochs between NC measurements

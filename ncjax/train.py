@@ -377,6 +377,8 @@ def validate(config, num_train: int) -> None:
     raise ConfigError(
         f"early_stopping.patience must be >= 1, got {config.early_stopping.patience}"
     )
+  if config.members.per_step < 0:
+    raise ConfigError(f"members.per_step must be >= 0 (0 = all), got {config.members.per_step}")
   if config.nc.every < 1 or config.checkpoint.every < 1:
     raise ConfigError("nc.every and checkpoint.every must be >= 1")
 
@@ -541,7 +543,7 @@ def train_and_evaluate(
     for epoch in range(start_epoch + 1, config.epochs + 1):
       t0 = time.perf_counter()
       states, batch_metrics = _train_epoch(
-          step_fn, perm_fn, strategy, states, data_keys, aug_keys, labels,
+          step_fn, perm_fn, strategy, config.members.per_step, states, data_keys, aug_keys, labels,
           dev["train"].images, steps_per_epoch,
       )
       jax.block_until_ready(states)
@@ -638,33 +640,66 @@ def _early_update(es: EarlyStopping, val_loss: float, epoch: int, config) -> Ear
   return es.replace(bad_epochs=bad, stopped=bad >= config.early_stopping.patience)
 
 
-def _train_epoch(step_fn, perm_fn, strategy, states, data_keys, aug_keys, labels, images, steps):
-  """One epoch of every member; returns states and mean batch metrics."""
+def _train_epoch(
+    step_fn, perm_fn, strategy, per_step, states, data_keys, aug_keys, labels, images, steps
+):
+  """One epoch of every member; returns states and mean batch metrics.
+
+  The steps run under a host-to-device transfer guard: every input of every
+  step is already on the device, and a change that copied from the host each
+  step fails here instead of silently slowing training down.
+  """
   names = list(states)
   if strategy == "loop":
-    sums = {}
-    for name in names:
-      state, labels_N, aug_key = states[name], labels[name]["train"], aug_keys[name]
-      perm_N = perm_fn(state, data_keys[name])
-      total = None
+    return _train_epoch_loop(step_fn, perm_fn, states, data_keys, aug_keys, labels, images, steps)
+  out_states, out_metrics = {}, {}
+  for i in range(0, len(names), per_step or len(names)):
+    chunk = names[i : i + (per_step or len(names))]
+    s, m = _train_epoch_vmap(
+        step_fn, perm_fn, {n: states[n] for n in chunk}, data_keys, aug_keys, labels,
+        images, steps,
+    )
+    out_states.update(s)
+    out_metrics.update(m)
+  return out_states, out_metrics
+
+
+def _train_epoch_loop(step_fn, perm_fn, states, data_keys, aug_keys, labels, images, steps):
+  """Each member in turn through the epoch's steps."""
+  states, sums = dict(states), {}
+  for name, state in states.items():
+    labels_N, aug_key = labels[name]["train"], aug_keys[name]
+    perm_N = perm_fn(state, data_keys[name])
+    total = None
+    with jax.transfer_guard_host_to_device("disallow"):
       for _ in range(steps):
         state, metrics = step_fn(state, perm_N, labels_N, aug_key, images)
         total = metrics if total is None else jax.tree.map(jnp.add, total, metrics)
-      states[name] = state
-      sums[name] = total
-  else:
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(states[n] for n in names))
-    perm_MN = perm_fn(stacked, jnp.stack([data_keys[n] for n in names]))
-    labels_MN = jnp.stack([labels[n]["train"] for n in names])
-    aug_M = jnp.stack([aug_keys[n] for n in names])
-    total = None
+    states[name] = state
+    sums[name] = total
+  return states, _mean_metrics(sums, steps)
+
+
+def _train_epoch_vmap(step_fn, perm_fn, states, data_keys, aug_keys, labels, images, steps):
+  """All members of `states` stacked through one vmapped step."""
+  names = list(states)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(states[n] for n in names))
+  perm_MN = perm_fn(stacked, jnp.stack([data_keys[n] for n in names]))
+  labels_MN = jnp.stack([labels[n]["train"] for n in names])
+  aug_M = jnp.stack([aug_keys[n] for n in names])
+  total = None
+  with jax.transfer_guard_host_to_device("disallow"):
     for _ in range(steps):
       stacked, metrics = step_fn(stacked, perm_MN, labels_MN, aug_M, images)
       total = metrics if total is None else jax.tree.map(jnp.add, total, metrics)
-    states = {n: jax.tree.map(lambda x, i=i: x[i], stacked) for i, n in enumerate(names)}
-    sums = {n: jax.tree.map(lambda x, i=i: x[i], total) for i, n in enumerate(names)}
+  states = {n: jax.tree.map(lambda x, i=i: x[i], stacked) for i, n in enumerate(names)}
+  sums = {n: jax.tree.map(lambda x, i=i: x[i], total) for i, n in enumerate(names)}
+  return states, _mean_metrics(sums, steps)
+
+
+def _mean_metrics(sums, steps: int) -> dict[str, dict[str, float]]:
   sums = jax.device_get(sums)
-  return states, {n: {k: float(v) / steps for k, v in s.items()} for n, s in sums.items()}
+  return {n: {k: float(v) / steps for k, v in s.items()} for n, s in sums.items()}
 
 
 def _evaluate_member(member, epoch, variables, dev, labels, eval_fn, metrics_fn, nc, timings):

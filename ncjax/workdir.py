@@ -31,7 +31,7 @@ CONFIG_FILE = "config.json"
 TRAIN_SUMMARY_FILE = "train_summary.json"  # the last file train_and_evaluate writes
 # Fields that do not change what a run computes.
 _RUNTIME_FIELDS = (
-    "dataset.data_dir", "progress", "members.strategy", "checkpoint.every", "study.workers",
+    "dataset.data_dir", "progress", "members.strategy", "members.per_step", "checkpoint.every", "study.workers",
     "compilation_cache_dir",
 )
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -129,7 +130,9 @@ def test_member_strategies_equal_training_each_member_alone(tiny_run, tiny_confi
   _, workdir, _ = tiny_run
   shared = _by_key(_records(workdir))
   tiny_config.members.strategy = "vmap"
+  tiny_config.members.per_step = 3  # 4 members: a vmapped step of 3, then of 1
   vmapped = _run(tiny_config, str(tmp_path / "vmap"))
+  tiny_config.members.per_step = 0
   tiny_config.members.strategy = "loop"
   tiny_config.seeds = (1,)
   tiny_config.bias.rates = (0.25,)
@@ -338,3 +341,25 @@ def test_train_and_test_are_evaluated_on_nc_epochs_only(tiny_config, tmp_path):
       assert "test" not in got and set(got["train"]) >= {"batch_loss"} and "nc1" not in got["train"]
     else:
       assert "nc1" in got["train"] and "nc1" in got["test"] and "loss" in got["test"]
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_steps_refuse_host_to_device_copies(strategy):
+  """A step input left on the host fails loudly instead of being copied
+  every step; device-resident inputs pass the same guard."""
+  step = lambda state, perm, labels, key, images: (state + 1, {"loss": images.sum() + 0.0})
+  perm = lambda state, key: jnp.arange(4)
+  if strategy == "vmap":
+    step = jax.vmap(step, in_axes=(0, 0, 0, 0, None))
+    perm = jax.vmap(perm)
+  step_fn, perm_fn = jax.jit(step), jax.jit(perm)
+  states = {"a": jnp.zeros(()), "b": jnp.zeros(())}
+  keys = {n: jax.random.key(0) for n in states}
+  labels = {n: {"train": jnp.zeros(4, jnp.int32)} for n in states}
+  run = lambda images: train._train_epoch(  # pylint: disable=protected-access
+      step_fn, perm_fn, strategy, 0, dict(states), keys, keys, labels, images, 2
+  )
+  new_states, metrics = run(jnp.ones((4, 2)))
+  assert float(new_states["b"]) == 2 and metrics["a"]["loss"] == 8.0
+  with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+    run(np.ones((4, 2), np.float32))
