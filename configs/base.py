@@ -104,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache shared by all runs ('' = off): a rerun,
   # and every study run after the first, loads its executables from here.
   config.compilation_cache_dir = "~/.cache/ncjax/xla"
+  # Extra XLA flags for this run's processes (appended to $XLA_FLAGS by
+  # `ncjax.main` before JAX starts its backend); see benchmarks/README.md.
+  config.xla_flags = ""
 
   # The study: dataset-attribute combinations ('attr' of this dataset, or
   # 'dataset:attr' with that dataset's config); empty = one run of

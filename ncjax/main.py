@@ -61,6 +61,7 @@ def main(argv, config_flag) -> int:
   from ncjax import runtime, study, train  # pylint: disable=import-outside-toplevel
   from ncjax.errors import NcjaxError  # pylint: disable=import-outside-toplevel
 
+  runtime.add_xla_flags(config_flag.value.xla_flags)  # before the backend starts
   try:
     runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:

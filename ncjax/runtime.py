@@ -123,6 +123,15 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def add_xla_flags(flags: str) -> None:
+  """Appends `flags` to $XLA_FLAGS; only takes effect before JAX's backend
+  starts (so `ncjax.main` calls it first), and in processes started later."""
+  if flags:
+    current = os.environ.get("XLA_FLAGS", "")
+    if flags not in current:
+      os.environ["XLA_FLAGS"] = f"{current} {flags}".strip()
+
+
 def setup(config) -> None:
   """What every process does before compiling for `config`."""
   enable_compilation_cache(config.compilation_cache_dir)

@@ -32,7 +32,7 @@ TRAIN_SUMMARY_FILE = "train_summary.json"  # the last file train_and_evaluate wr
 # Fields that do not change what a run computes.
 _RUNTIME_FIELDS = (
     "dataset.data_dir", "progress", "members.strategy", "members.per_step", "checkpoint.every", "study.workers",
-    "compilation_cache_dir",
+    "compilation_cache_dir", "xla_flags",
 )
 
 

@@ -143,14 +143,16 @@ def test_member_strategies_equal_training_each_member_alone(tiny_run, tiny_confi
 
 
 def test_four_fake_devices_give_the_same_losses(tiny_run, tmp_path):
+  """Also: config.xla_flags reaches XLA (it makes the four devices)."""
   config, workdir, _ = tiny_run
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = tmp_path / "four"
   proc = subprocess.run(
       [
           sys.executable, "-m", "ncjax.main", "--config=configs/synthetic.py:tiny",
           f"--config.dataset.data_dir={config.dataset.data_dir}", f"--workdir={out}",
           "--config.study.combos=()",
+          "--config.xla_flags=--xla_force_host_platform_device_count=4",
       ],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
   )
