@@ -137,8 +137,7 @@ def main(argv: list[str], extras: list[str]) -> int:
 
 def run() -> None:
   """The command-line entry point: `--config.k=v` flags go to every point."""
-  argv, extras = sweep.exit_on_error(lambda: sweep.split_config_flags(sys.argv))
-  app.run(lambda a: sys.exit(sweep.exit_on_error(lambda: main(a, extras))), argv=argv)
+  sweep.run_launcher(main)
 
 
 if __name__ == "__main__":

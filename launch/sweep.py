@@ -37,7 +37,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from absl import flags as absl_flags
@@ -406,3 +406,12 @@ def exit_on_error(fn):
   except BrokenPipeError:  # `... --dry_run | head`: stop quietly
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(1)
+
+
+def run_launcher(main: Callable[[list[str], list[str]], int]) -> None:
+  """Runs a launcher's `main(argv, config_flags)` under absl: the
+  `--config.k=v` flags are split off for every point, errors are one line."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+
+  argv, extras = exit_on_error(lambda: split_config_flags(sys.argv))
+  app.run(lambda a: sys.exit(exit_on_error(lambda: main(a, extras))), argv=argv)
