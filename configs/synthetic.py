@@ -39,7 +39,7 @@ def synthetic_dataset() -> ml_collections.ConfigDict:
           image_size=24,
           num_train=1536,
           num_validation=512,
-          num_test=2048,
+          num_test=1024,
           prevalence=0.25,
           seed=0,
           texture_sigma=3.0,
@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.epochs = 20
 
   config.study.combos = ("low", "medium", "high")
-  config.study.separability_epochs = 15
+  config.study.separability_epochs = 10
   config.study.workers = 2  # XLA:CPU trains these models on about one core
 
   if arg.tiny:
