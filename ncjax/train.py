@@ -436,7 +436,9 @@ def train_and_evaluate(
   validate(config, num_train)
   resumed = workdir_lib.check_config(workdir, config)
   workdir_lib.check_writable(workdir)
-  workdir_lib.check_free_space(workdir, checkpoint_bytes(config, splits["train"].images.shape[1:], len(members)))
+  workdir_lib.check_free_space(
+      workdir, checkpoint_bytes(config, splits["train"].images.shape[1:], len(members))
+  )
   workdir_lib.write_config(workdir, config, overrides)
   runtime.sync("ncjax_config_written")
 
