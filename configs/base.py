@@ -12,6 +12,14 @@ import ml_collections
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# XLA:CPU runs convolutions, reductions and elementwise fusions in YNNPACK by
+# default; YNNPACK's convolution gradients are 2-4x slower than Eigen's here.
+# Keeping YNNPACK for reductions only (BatchNorm statistics) and leaving
+# convolutions to Eigen trains ResNet-18 at 224 x 224 1.6-1.9x and the
+# synthetic default 1.1-1.2x faster on CPU, with jaxlib 0.10 and 0.12 alike
+# (benchmarks/README.md, section xla_flags).
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
+
 
 def parse_arg(arg: str | None, **defaults):
   """'a=1,flag' -> ConfigDict(a='1', flag=True), over typed defaults."""
@@ -104,9 +112,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache shared by all runs ('' = off): a rerun,
   # and every study run after the first, loads its executables from here.
   config.compilation_cache_dir = "~/.cache/ncjax/xla"
-  # Extra XLA flags for this run's processes (appended to $XLA_FLAGS by
-  # `ncjax.main` before JAX starts its backend); see benchmarks/README.md.
-  config.xla_flags = ""
+  # XLA flags for this run's processes, added to $XLA_FLAGS by `ncjax.main`
+  # before JAX starts its backend (a flag that $XLA_FLAGS sets already keeps
+  # its value there); '' = none. The default is for XLA:CPU and ignored by
+  # other backends: see CPU_XLA_FLAGS.
+  config.xla_flags = CPU_XLA_FLAGS
 
   # The study: dataset-attribute combinations ('attr' of this dataset, or
   # 'dataset:attr' with that dataset's config); empty = one run of

@@ -124,12 +124,15 @@ def sync(name: str) -> None:
 
 
 def add_xla_flags(flags: str) -> None:
-  """Appends `flags` to $XLA_FLAGS; only takes effect before JAX's backend
-  starts (so `ncjax.main` calls it first), and in processes started later."""
-  if flags:
-    current = os.environ.get("XLA_FLAGS", "")
-    if flags not in current:
-      os.environ["XLA_FLAGS"] = f"{current} {flags}".strip()
+  """Adds `flags` to $XLA_FLAGS, except a flag whose name $XLA_FLAGS already
+  sets: the environment wins over the config. Only takes effect before JAX's
+  backend starts (so `ncjax.main` calls it first), and in processes started
+  later (study workers inherit it)."""
+  current = os.environ.get("XLA_FLAGS", "").split()
+  names = {f.split("=", 1)[0] for f in current}
+  new = [f for f in flags.split() if f.split("=", 1)[0] not in names]
+  if new:
+    os.environ["XLA_FLAGS"] = " ".join(current + new)
 
 
 def setup(config) -> None:

@@ -16,6 +16,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "configs"))  # `import synthetic` works too
 
 from configs import synthetic as synthetic_config  # noqa: E402  pylint: disable=wrong-import-position
+from ncjax import runtime  # noqa: E402  pylint: disable=wrong-import-position
+
+# Tests run under the XLA flags a run gets from `ncjax.main`, set before any
+# test starts JAX's backend.
+runtime.add_xla_flags(synthetic_config.get_config().xla_flags)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("machine", "train", "nc", "input", "torch", "xla_flags")
+SECTIONS = ("machine", "train", "nc", "input", "torch", "xla_flags", "compile")
 
 
 def _numbers(tree, path=""):
@@ -33,7 +33,7 @@ def test_quick_benchmark_writes_every_section(tmp_path):
   ]  # fmt: skip
   # Without torch on the path the torch section must skip, not fail.
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   for name in SECTIONS:
@@ -53,6 +53,11 @@ def test_quick_benchmark_writes_every_section(tmp_path):
   (xla,) = result["xla_flags"]["rows"]
   assert xla["flags"] == "none" and xla["samples_per_s"] > 0
   assert result["machine"]["backend"] == "cpu" and result["machine"]["cores"] >= 1
+  # The second run of the main job loads what the first compiled from the
+  # persistent cache.
+  first, second = result["compile"]["rows"]
+  assert first["jobs"] == second["jobs"] == 1
+  assert first["compile_s"] > 1.0 and second["compile_s"] < 0.5 * first["compile_s"]
   for path, value in _numbers(result):
     assert math.isfinite(value), path
   assert "samples/s" in proc.stdout  # the table
