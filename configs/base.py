@@ -108,6 +108,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 1  # epochs between resumable saves
 
+  # Input: where the images of every split live during a run. Both read the
+  # same batches in the same order, so the results are the same and a run
+  # may resume with the other setting.
+  config.input = ml_collections.ConfigDict()
+  # False: every split resident on the device (fastest; it must fit). True:
+  # images read from the prepared array_record files batch by batch, decoded
+  # on the host and prefetched to the device (`ncjax.streaming`), for data
+  # larger than device memory; needs members.strategy loop (or auto).
+  config.input.streaming = False
+  config.input.threads = 4  # streaming: batches decoded at once (host threads)
+  config.input.prefetch = 2  # streaming: batches kept ready on the device
+
   config.progress = True  # progress bar over epochs
   # Persistent XLA compilation cache shared by all runs ('' = off): a rerun,
   # and every study run after the first, loads its executables from here.

@@ -6,6 +6,11 @@ once, replicated over the mesh, padded to a multiple of the evaluation chunk.
 Training batches are then gathered on device from a permutation that is a
 pure function of (member data key, step), so a step copies nothing from the
 host and a resumed run sees exactly the batches an uninterrupted one would.
+
+Larger datasets are streamed instead (`config.input.streaming`,
+`ncjax.streaming`): the host then keeps only each split's small fields
+(labels, groups, ids, from `host_split`) and the device its groups and
+padding mask, with no images (`DeviceSplit.images` is None).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from ncjax.members import Member
 class HostSplit:
   """One split as the run sees it: target labels and the studied groups."""
 
-  images: np.ndarray  # N x H x W x C uint8
+  images: np.ndarray | None  # N x H x W x C uint8; None when streamed
   labels: np.ndarray  # N int32, clean target (disease or attribute)
   groups: np.ndarray  # N int32, the studied attribute
   ids: np.ndarray  # N str
@@ -82,15 +87,25 @@ def check_attribute(config) -> None:
 def load(config) -> dict[str, HostSplit]:
   """The train, validation and test splits of the configured dataset."""
   check_attribute(config)
-  name, attribute = config.dataset.name, config.dataset.attribute
   out = {}
   for split in datasets.SPLITS:
     s = datasets.load_split(
-        name, split, data_dir=data_dir(config), **_builder_kwargs(config)
+        config.dataset.name, split, data_dir=data_dir(config), **_builder_kwargs(config)
     )
-    labels = s.labels if config.target == "label" else s.attributes[config.target]
-    out[split] = HostSplit(s.images, labels, s.attributes[attribute], s.ids)
+    out[split] = host_split(config, {"label": s.labels, **s.attributes}, s.ids, s.images)
   return out
+
+
+def host_split(config, columns, ids: np.ndarray, images: np.ndarray | None = None) -> HostSplit:
+  """A split as the run sees it, from its stored fields (`columns`: 'label'
+  and one int column per attribute, rows sorted by id): the configured
+  target as labels, the studied attribute as groups. `load` and the
+  streamed splits (`StreamingSplit.columns`, no images) both go through it."""
+  labels = columns["label"] if config.target == "label" else columns[config.target]
+  groups = columns[config.dataset.attribute]
+  return HostSplit(
+      images, np.asarray(labels, np.int32), np.asarray(groups, np.int32), np.asarray(ids)
+  )
 
 
 def member_labels(
@@ -113,7 +128,7 @@ def member_labels(
 class DeviceSplit:
   """A split resident on the mesh, padded to a multiple of `chunk` rows."""
 
-  images: jax.Array  # N_pad x H x W x C uint8
+  images: jax.Array | None  # N_pad x H x W x C uint8; None when streamed
   groups: jax.Array  # N_pad int32
   valid: jax.Array  # N_pad bool, False on padding rows
   size: int = flax.struct.field(pytree_node=False)
@@ -144,13 +159,18 @@ def to_device(split: HostSplit, chunk: int, replicated) -> DeviceSplit:
   mesh: each process uploads only the rows its devices hold, and a step's
   gather of random rows (or an evaluation chunk) fetches what it needs from
   the other processes' devices. Labels, groups and masks stay replicated.
+  A streamed split (`split.images` None) uploads no images.
   """
   chunk = chunk_size(len(split), chunk, jax.device_count())
   put = lambda x: jax.device_put(pad_rows(x, chunk), replicated)
+  if split.images is None:
+    images = None
+  elif jax.process_count() == 1:
+    images = put(split.images)
+  else:
+    images = _row_sharded(pad_rows(split.images, chunk), replicated.mesh)
   return DeviceSplit(
-      images=put(split.images) if jax.process_count() == 1 else _row_sharded(
-          pad_rows(split.images, chunk), replicated.mesh
-      ),
+      images=images,
       groups=put(split.groups.astype(np.int32)),
       valid=put(np.ones(len(split), bool)),
       size=len(split),

@@ -1,8 +1,9 @@
 """Streaming input: batches read from array_record files, prefetched to device.
 
 For splits that do not fit in device memory (CheXpert at 224 x 224, any
-dataset at full resolution). `input_pipeline` keeps a whole split resident on
-the device; this module instead reads each batch from the prepared TFDS
+dataset at full resolution); `train.py` uses it with
+`config.input.streaming=True`. `input_pipeline` keeps a whole split resident
+on the device; this module instead reads each batch from the prepared TFDS
 dataset's array_record files
 (`<data_dir>/<name>/<config>/<version>/<name>-<split>.array_record-*`) with
 grain's random-access `ArrayRecordDataSource`, decodes the TFDS examples with
@@ -19,7 +20,10 @@ Rows: row i of a `StreamingSplit` is row i of `input_pipeline.load(config)`
 (both sort the stored examples by id), and `batch['index']` holds the row
 numbers, so per-member labels and bias flips computed on the host split are
 gathered by it. Small fields (labels, attributes, ids) are read once when the
-split is opened and kept in host memory; only images are streamed.
+split is opened and kept in host memory; only images are streamed. `view()`
+reads an opened split with another batch size or order without reading the
+files again (train.py: one view per member in its own order, one in row
+order, `row_order`, for evaluation).
 
 Order: the rows of epoch e are `permutation(e)`, a pure function of
 (seed, epoch) (or of the train step's data key, with `jax_order`), so a run
@@ -41,7 +45,9 @@ GIL, so threads scale), optionally in `num_workers` processes
 for epochs much longer than that. One background thread puts `prefetch`
 batches on the device with `jax.device_put(batch, sharding)`. With several
 JAX processes each reads its contiguous slice of every global batch and the
-global array is assembled with `jax.make_array_from_process_local_data`.
+global array is assembled with `jax.make_array_from_process_local_data`,
+which needs the sharding to place process p's slice on process p's devices
+(checked when the split is opened: every process fails alike, none waits).
 
 Opening a split reads every record once to learn its ids, labels and
 attributes (images are read but not decoded): the files' read time, once
@@ -51,6 +57,7 @@ per `StreamingSplit`.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import functools
 import queue
 import threading
@@ -86,11 +93,13 @@ def numpy_order(seed: int, num_rows: int) -> Callable[[int], np.ndarray]:
 def jax_order(data_key: jax.Array, num_rows: int) -> Callable[[int], np.ndarray]:
   """The order of `train.epoch_permutation`: the resident path's batches.
 
-  Computed on the host CPU device (threefry and the sort are the same on
-  every backend), so the streaming and the device-resident inputs of one
+  Computed on this process's CPU device (threefry and the sort are the same
+  on every backend), so the streaming and the device-resident inputs of one
   member read the same rows in the same order.
   """
-  cpu = jax.devices("cpu")[0]
+  # A local device: in a multi-process CPU run jax.devices("cpu") lists every
+  # process's devices, and [0] is process 0's.
+  cpu = jax.local_devices(backend="cpu")[0]
   key = jax.device_put(data_key, cpu)
 
   @functools.lru_cache(maxsize=2)
@@ -100,6 +109,30 @@ def jax_order(data_key: jax.Array, num_rows: int) -> Callable[[int], np.ndarray]
     return np.asarray(perm)
 
   return order
+
+
+def row_order(num_rows: int) -> Callable[[int], np.ndarray]:
+  """epoch -> the rows in stored order, every epoch (evaluation)."""
+  rows = np.arange(num_rows)
+  return lambda epoch: rows
+
+
+def _check_process_rows(sharding, batch_size: int, process_count: int) -> None:
+  """Process p reads rows [p B / P, (p + 1) B / P) of every global batch, and
+  `jax.make_array_from_process_local_data` puts them where `sharding` holds
+  process p's rows: both must be the same rows. Computed from the global
+  device map, so every process reaches the same verdict."""
+  local = batch_size // process_count
+  for device, index in sharding.devices_indices_map((batch_size,)).items():
+    rows, p = index[0], device.process_index
+    start = rows.start or 0
+    stop = batch_size if rows.stop is None else rows.stop
+    if not p * local <= start <= stop <= (p + 1) * local:
+      raise ConfigError(
+          f"streaming over {process_count} processes needs a batch sharding that "
+          f"holds process p's {local} rows [p * {local}, (p + 1) * {local}) on process "
+          f"p's devices; device {device} (process {p}) holds rows [{start}, {stop})"
+      )
 
 
 # ------------------------------------------------------------- reading, decoding
@@ -344,24 +377,52 @@ class StreamingSplit:
     """
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
-    if batch_size < 1 or batch_size % self.process_count:
-      raise ConfigError(
-          f"batch_size {batch_size} must be a positive multiple of the "
-          f"{self.process_count} processes"
-      )
     self.paths = list(paths)
     self.features = features
     self.batch_size = batch_size
     self.drop_remainder = drop_remainder
     self.sharding = sharding
     self.num_threads, self.num_workers, self.prefetch = num_threads, num_workers, prefetch
+    self._check_batch_size(None)  # before reading the files
     self._source = grain.sources.ArrayRecordDataSource(self.paths)
     self._record_keys, self.columns, self.ids = _scan(self._source, features, num_threads)
     self.arrays = tuple(k for k, f in features.items() if _is_array_feature(f))
-    n = len(self._record_keys)
-    if batch_size > n and drop_remainder:
-      raise ConfigError(f"batch_size {batch_size} is larger than the split ({n} rows)")
-    self._order = order or numpy_order(seed, n)
+    self._check_batch_size(len(self))
+    self._order = order or numpy_order(seed, len(self))
+
+  def _check_batch_size(self, num_rows: int | None) -> None:
+    b, processes = self.batch_size, self.process_count
+    if b < 1 or b % processes:
+      raise ConfigError(
+          f"batch_size {b} must be a positive multiple of the {processes} processes"
+      )
+    if self.sharding is not None and processes > 1 and jax.process_count() > 1:
+      _check_process_rows(self.sharding, b, processes)
+    if num_rows is not None and b > num_rows and self.drop_remainder:
+      raise ConfigError(f"batch_size {b} is larger than the split ({num_rows} rows)")
+
+  def view(
+      self,
+      *,
+      batch_size: int | None = None,
+      order: Callable[[int], np.ndarray] | None = None,
+      drop_remainder: bool | None = None,
+  ) -> StreamingSplit:
+    """This split read with another batch size, order or last-batch rule.
+
+    Shares the opened files and the fields read when the split was opened,
+    so a view costs nothing (no second scan of the records); what is not
+    given stays as it is.
+    """
+    out = copy.copy(self)
+    if batch_size is not None:
+      out.batch_size = batch_size
+    if drop_remainder is not None:
+      out.drop_remainder = drop_remainder
+    if order is not None:
+      out._order = order  # pylint: disable=protected-access
+    out._check_batch_size(len(out))  # pylint: disable=protected-access
+    return out
 
   @classmethod
   def from_builder(cls, builder, split: str, **kwargs) -> StreamingSplit:

@@ -61,7 +61,7 @@ def combo_name(dataset: str, attribute: str) -> str:
 
 
 # Study-level fields that apply to combinations of other datasets too.
-_SHARED_FIELDS = ("seeds", "bias", "model.init_from", "dataset.data_dir", "progress")
+_SHARED_FIELDS = ("seeds", "bias", "model.init_from", "dataset.data_dir", "progress", "input")
 
 
 def _dataset_config(config, dataset: str):

@@ -1,8 +1,8 @@
 """Training: members sharing one compiled step, data parallel on a device mesh.
 
 A run trains every member (seed x bias rate) of one dataset-attribute
-combination. The train step is one pure function `(state, data_key, labels,
-images) -> (state, metrics)`, jit-compiled once with donated state:
+combination. The train step is one pure function `(state, order, labels,
+aug_key, images) -> (state, metrics)`, jit-compiled once with donated state:
 
   * data parallel: `jax.jit` over a 1-D `Mesh` named 'data' (the supported
     successor of `pmap`); the batch is sharded on 'data', parameters are
@@ -11,9 +11,17 @@ images) -> (state, metrics)`, jit-compiled once with donated state:
   * members: `members.strategy='loop'` calls the compiled step once per
     member; 'vmap' runs all members in one step over stacked states. Both
     apply the same step function, so they compute the same numbers.
-  * input: splits stay resident on the mesh; a batch is gathered inside the
-    step from a permutation derived from (member data key, epoch), so a step
-    copies nothing from the host and a resumed run replays the same batches.
+  * input: by default splits stay resident on the mesh; a batch is gathered
+    inside the step from a permutation derived from (member data key, epoch),
+    so a step copies nothing from the host and a resumed run replays the
+    same batches. With `config.input.streaming` (data larger than the
+    device) the images stay in the array_record files: `ncjax.streaming`
+    reads each member's batches in that same permutation, decodes them in
+    host threads and prefetches them to the device, and `streamed_train_step`
+    gathers the member's labels by the batch's row numbers. Both steps share
+    `update_step`, so both inputs give the same numbers (tested); only the
+    loop strategy streams (vmapped members would each need their own batch).
+    Evaluation streams every split in row order through the same forward.
 
 After every epoch each member is evaluated in eval mode on train (with its
 own, possibly biased, labels), validation (biased) and test (clean):
@@ -40,9 +48,9 @@ import numpy as np
 import optax
 
 from ncjax import bias as bias_lib
-from ncjax import checkpoints, input_pipeline, metric_writers, neural_collapse, resnet
+from ncjax import checkpoints, datasets, input_pipeline, metric_writers, neural_collapse, resnet
 from ncjax import members as members_lib
-from ncjax import runtime
+from ncjax import runtime, streaming
 from ncjax import workdir as workdir_lib
 from ncjax.errors import ConfigError, NcjaxError
 
@@ -229,7 +237,8 @@ def train_step(
     preprocess: Callable[[jax.Array, jax.Array], jax.Array],
     batch_sharding,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step of one member; pure, so it jits and vmaps.
+  """One optimizer step of one member on a resident split; pure, so it jits
+  and vmaps.
 
   The batch is rows `perm_N[i * B:(i + 1) * B]` of the resident split, with i
   the step within the epoch, augmented with a key derived from the step.
@@ -237,11 +246,47 @@ def train_step(
   i = state.step % steps_per_epoch
   idx = jax.lax.dynamic_slice_in_dim(perm_N, i * batch_size, batch_size)
   key = jax.random.fold_in(aug_key, state.step)
-  x, y = preprocess(images_N[idx], key), labels_N[idx]
+  return update_step(
+      state, preprocess(images_N[idx], key), labels_N[idx], model=model, tx=tx,
+      batch_sharding=batch_sharding,
+  )  # fmt: skip
+
+
+def streamed_train_step(
+    state: TrainState,
+    labels_N: jax.Array,
+    aug_key: jax.Array,
+    images_B: jax.Array,
+    index_B: jax.Array,
+    *,
+    model,
+    tx,
+    preprocess: Callable[[jax.Array, jax.Array], jax.Array],
+    batch_sharding,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`train_step` on a streamed batch: `images_B` are rows `index_B` of the
+  split, read in the order of `epoch_permutation` (`streaming.jax_order`),
+  so they are the rows the resident step would gather at this step. The
+  member's labels are gathered on the device by `index_B`, and the
+  augmentation key is the resident step's."""
+  key = jax.random.fold_in(aug_key, state.step)
+  return update_step(
+      state, preprocess(images_B, key), labels_N[index_B], model=model, tx=tx,
+      batch_sharding=batch_sharding,
+  )  # fmt: skip
+
+
+def update_step(
+    state: TrainState, x: jax.Array, y: jax.Array, *, model, tx, batch_sharding
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The optimizer step on a preprocessed batch `x` with labels `y`: the body
+  both input paths share (forward in train mode, softmax cross-entropy,
+  gradient, update, BatchNorm statistics)."""
   if batch_sharding is not None:
     x = jax.lax.with_sharding_constraint(x, batch_sharding)
-  # Without the barrier XLA:CPU fuses the gather into the first convolution
-  # and the step runs 1.5x slower.
+  # Without the barrier XLA:CPU fuses the resident step's gather into the
+  # first convolution and the step runs 1.5x slower; both inputs keep it, so
+  # both compute the same from here on.
   x = jax.lax.optimization_barrier(x)
 
   def loss_fn(params):
@@ -343,15 +388,38 @@ class EarlyStopping:
 
 
 def _resolve_strategy(config) -> str:
+  """'loop' or 'vmap'; streaming loops (see `_check_input`)."""
   strategy = config.members.strategy
-  if strategy == "auto":
-    return "loop" if jax.default_backend() == "cpu" else "vmap"
-  if strategy not in ("loop", "vmap"):
+  if strategy not in ("auto", "loop", "vmap"):
     raise ConfigError(
         f"members.strategy must be auto, loop or vmap, got {strategy!r}"
         + workdir_lib.closest(strategy, ("auto", "loop", "vmap"))
     )
+  _check_input(config, strategy)
+  if strategy == "auto":
+    if config.input.streaming:
+      return "loop"
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
   return strategy
+
+
+def _check_input(config, strategy: str) -> None:
+  """The `input` settings, checked before anything is read or written.
+
+  Streaming supports the loop strategy only: vmapped members train on
+  different permutations, so each step would need M batches read, decoded
+  and copied for M members, against the one resident split they share.
+  """
+  inp = config.input
+  if inp.streaming and strategy == "vmap":
+    raise ConfigError(
+        "input.streaming needs members.strategy loop or auto (each member streams "
+        "its own batches in turn), got 'vmap'"
+    )
+  if inp.threads < 1 or inp.prefetch < 1:
+    raise ConfigError(
+        f"input.threads and input.prefetch must be >= 1, got {inp.threads} and {inp.prefetch}"
+    )
 
 
 def validate(config, num_train: int) -> None:
@@ -431,26 +499,35 @@ def train_and_evaluate(
   runtime.sync("ncjax_dataset_prepared")
   if not_prepared is not None:
     raise not_prepared
-  splits = input_pipeline.load(config)
+  mesh = make_mesh()
+  # Streamed: every split opened once (its small fields read; images stay in
+  # the files) and read in row order by evaluation chunks; host splits
+  # without images, from the same fields in the same row order as `load`.
+  streams = _open_streams(config, mesh) if config.input.streaming else None
+  if streams is None:
+    splits = input_pipeline.load(config)
+    image_shape = splits["train"].images.shape[1:]
+  else:
+    splits = {
+        k: input_pipeline.host_split(config, s.columns, s.ids) for k, s in streams.items()
+    }
+    image_shape = tuple(streams["train"].features["image"].shape)
   num_train = len(splits["train"])
   validate(config, num_train)
   resumed = workdir_lib.check_config(workdir, config)
   workdir_lib.check_writable(workdir)
-  workdir_lib.check_free_space(
-      workdir, checkpoint_bytes(config, splits["train"].images.shape[1:], len(members))
-  )
+  workdir_lib.check_free_space(workdir, checkpoint_bytes(config, image_shape, len(members)))
   workdir_lib.write_config(workdir, config, overrides)
   runtime.sync("ncjax_config_written")
 
-  mesh = make_mesh()
   replicated = jax.NamedSharding(mesh, jax.P())
   # On one device the constraint is a no-op that XLA:CPU still pays for
   # (measured 4x slower steps), so it is only set when there is a mesh.
   batch_sharding = jax.NamedSharding(mesh, jax.P("data")) if mesh.size > 1 else None
   chunk = config.eval_batch_size
+  # Streamed splits upload their groups and padding mask only (no images).
   dev = {k: input_pipeline.to_device(s, chunk, replicated) for k, s in splits.items()}
   num_groups = int(max(int(s.groups.max()) for s in splits.values())) + 1
-  image_shape = splits["train"].images.shape[1:]
 
   labels, flipped = {}, {}
   for m in members:
@@ -477,7 +554,19 @@ def train_and_evaluate(
   perm = functools.partial(
       epoch_permutation, steps_per_epoch=steps_per_epoch, num_train=num_train
   )
-  if strategy == "loop":
+  if streams is not None:  # loop only (`_check_input`)
+    step_fn = jax.jit(
+        functools.partial(
+            streamed_train_step,
+            model=model,
+            tx=tx,
+            preprocess=train_preprocess,
+            batch_sharding=batch_sharding,
+        ),
+        donate_argnums=0,
+    )
+    perm_fn = None  # the order is read on the host (`streaming.jax_order`)
+  elif strategy == "loop":
     step_fn = jax.jit(step, donate_argnums=0)
     perm_fn = jax.jit(perm)
   else:
@@ -510,6 +599,20 @@ def train_and_evaluate(
   states = {m.name: jax.device_put(init_fn(m.keys()[0]), replicated) for m in members}
   data_keys = {m.name: m.keys()[1] for m in members}
   aug_keys = {m.name: m.keys()[2] for m in members}
+  if streams is None:
+    predict = functools.partial(_predict, eval_fn, dev=dev)
+  else:
+    # Each member reads the train split in its own order, the resident
+    # path's `epoch_permutation` of its data key; evaluation in row order.
+    train_streams = {
+        m.name: streams["train"].view(
+            batch_size=config.batch_size,
+            drop_remainder=True,
+            order=streaming.jax_order(data_keys[m.name], num_train),
+        )
+        for m in members
+    }
+    predict = functools.partial(_predict_streamed, eval_fn, streams=streams)
   early = {m.name: EarlyStopping() for m in members}
   early_vars = {m.name: _copy(states[m.name].variables) for m in members}
 
@@ -544,10 +647,15 @@ def train_and_evaluate(
   try:
     for epoch in range(start_epoch + 1, config.epochs + 1):
       t0 = time.perf_counter()
-      states, batch_metrics = _train_epoch(
-          step_fn, perm_fn, strategy, config.members.per_step, states, data_keys, aug_keys, labels,
-          dev["train"].images, steps_per_epoch,
-      )
+      if streams is None:
+        states, batch_metrics = _train_epoch(
+            step_fn, perm_fn, strategy, config.members.per_step, states, data_keys, aug_keys,
+            labels, dev["train"].images, steps_per_epoch,
+        )  # fmt: skip
+      else:
+        states, batch_metrics = _train_epoch_streamed(
+            step_fn, train_streams, epoch - 1, states, aug_keys, labels, steps_per_epoch
+        )
       jax.block_until_ready(states)
       t1 = time.perf_counter()
       # Validation every epoch (early stopping); train and test with the NC
@@ -557,7 +665,7 @@ def train_and_evaluate(
       records = []
       for m in members:
         records += _evaluate_member(
-            m, epoch, states[m.name].variables, splits_now, labels[m.name], eval_fn, metrics_fn,
+            m, epoch, states[m.name].variables, splits_now, labels[m.name], predict, metrics_fn,
             (nc_fn, means_fn, flipped_dev[m.name]) if with_nc else None, timings,
         )
       if not with_nc:  # the training loss is logged every epoch all the same
@@ -607,6 +715,7 @@ def train_and_evaluate(
   summary = {
       "members": {m.name: _es_dict(early[m.name]) for m in members},
       "strategy": strategy,
+      "input": "streaming" if streams is not None else "resident",
       "devices": jax.device_count(),
       "seconds": {k: round(v, 3) for k, v in timings.items()},
       # Compilation (or loading from the persistent cache), inside the above.
@@ -699,32 +808,64 @@ def _train_epoch_vmap(step_fn, perm_fn, states, data_keys, aug_keys, labels, ima
   return states, _mean_metrics(sums, steps)
 
 
+def _train_epoch_streamed(step_fn, streams, epoch, states, aug_keys, labels, steps):
+  """Each member in turn through its own stream of epoch `epoch` (from 0).
+
+  `streams[name]` reads the rows of the member's `epoch_permutation`, so a
+  member sees the resident path's batches in the same order. The steps run
+  under the resident loop's transfer guard, which is per thread and covers
+  what this thread hands the step: state, labels and key live on the
+  device, and so does the batch, copied there ahead of the step by the
+  prefetch thread's explicit `jax.device_put` (the one copy a step of this
+  input makes, by design). A change that made a step copy anything else
+  from the host still fails here.
+  """
+  states, sums = dict(states), {}
+  for name, state in states.items():
+    labels_N, aug_key, total, count = labels[name]["train"], aug_keys[name], None, 0
+    with streams[name].batches(epoch) as batches, jax.transfer_guard_host_to_device("disallow"):
+      for batch in batches:
+        state, metrics = step_fn(state, labels_N, aug_key, batch["image"], batch["index"])
+        total = metrics if total is None else jax.tree.map(jnp.add, total, metrics)
+        count += 1
+    if count != steps:
+      raise NcjaxError(f"the train stream of {name} gave {count} batches, expected {steps}")
+    states[name] = state
+    sums[name] = total
+  return states, _mean_metrics(sums, steps)
+
+
 def _mean_metrics(sums, steps: int) -> dict[str, dict[str, float]]:
   sums = jax.device_get(sums)
   return {n: {k: float(v) / steps for k, v in s.items()} for n, s in sums.items()}
 
 
-def _evaluate_member(member, epoch, variables, dev, labels, eval_fn, metrics_fn, nc, timings):
-  """Records of one member at one epoch; NC metrics if `nc` is given."""
-  outputs = {split: _predict(eval_fn, variables, d) for split, d in dev.items()}
+def _evaluate_member(member, epoch, variables, dev, labels, predict, metrics_fn, nc, timings):
+  """Records of one member at one epoch; NC metrics if `nc` is given.
+
+  `predict(variables, split)` gives (logits, features, valid) of every
+  padded row of the split in row order (resident or streamed alike).
+  """
+  outputs = {split: predict(variables, split) for split in dev}
   records, results = [], {}
   for split, d in dev.items():
-    logits, _ = outputs[split]
-    results[split] = metrics_fn(logits, labels[split], d.groups, d.valid)
+    logits, _, valid = outputs[split]
+    results[split] = metrics_fn(logits, labels[split], d.groups, valid)
   if nc is not None:
     jax.block_until_ready((outputs, results))  # time NC alone, not the forwards
     t0 = time.perf_counter()
     nc_fn, means_fn, flipped = nc
     w = variables["params"]["fc"]["kernel"].T  # K x D
     b = variables["params"]["fc"]["bias"]
-    train_feats = outputs["train"][1]
-    centers = means_fn(train_feats, labels["train"], dev["train"].valid)
+    _, train_feats, train_valid = outputs["train"]
+    centers = means_fn(train_feats, labels["train"], train_valid)
     for split, d in dev.items():
+      _, feats, valid = outputs[split]
       # Flips are only measured on train (validation has flips too, but the
       # paper's Fig. 1 follows the samples the model is fitted to).
-      mask = flipped["train"] if split == "train" else jnp.zeros_like(d.valid)
+      mask = flipped["train"] if split == "train" else jnp.zeros_like(valid)
       results[split].update(
-          nc_fn(outputs[split][1], labels[split], d.groups, d.valid, w, b, centers, mask)
+          nc_fn(feats, labels[split], d.groups, valid, w, b, centers, mask)
       )
     jax.block_until_ready(results)
     timings["nc"] += time.perf_counter() - t0
@@ -749,15 +890,52 @@ def _index(member, epoch: int, split: str) -> dict[str, Any]:
   }
 
 
-def _predict(eval_fn, variables, d: input_pipeline.DeviceSplit):
-  """Logits and features of every (padded) row of a resident split."""
+def _predict(eval_fn, variables, split: str, *, dev: dict[str, input_pipeline.DeviceSplit]):
+  """Logits, features and padding mask of every (padded) row of a resident
+  split."""
+  d = dev[split]
   outs = [
       eval_fn(variables, d.images, np.int32(start), chunk=d.chunk)
       for start in range(0, d.images.shape[0], d.chunk)
   ]
   logits = jnp.concatenate([o[0] for o in outs])
   feats = jnp.concatenate([o[1] for o in outs])
-  return logits, feats
+  return logits, feats, d.valid
+
+
+def _predict_streamed(eval_fn, variables, split: str, *, streams):
+  """`_predict` of a streamed split: its batches, in row order and of the
+  resident evaluation chunk (the last one padded, `valid` False), go through
+  the same `eval_fn` and line up with the resident path's padded rows."""
+  stream = streams[split]
+  outs, valid = [], []
+  with stream.batches(0) as batches:
+    for batch in batches:  # a whole chunk: the slice from row 0 is the batch
+      outs.append(eval_fn(variables, batch["image"], np.int32(0), chunk=stream.batch_size))
+      valid.append(batch["valid"])
+  logits = jnp.concatenate([o[0] for o in outs])
+  feats = jnp.concatenate([o[1] for o in outs])
+  return logits, feats, jnp.concatenate(valid)
+
+
+def _open_streams(config, mesh) -> dict[str, streaming.StreamingSplit]:
+  """Every split of the configured dataset opened once for the run (reading
+  its small fields), in row order, in batches of its evaluation chunk;
+  training reads views of the train split (`StreamingSplit.view`)."""
+  input_pipeline.check_attribute(config)
+  out = {}
+  for split in datasets.SPLITS:
+    s = streaming.StreamingSplit.from_config(
+        config, split,
+        batch_size=jax.device_count(),  # a valid size until the split's is known
+        drop_remainder=False,
+        sharding=jax.NamedSharding(mesh, jax.P("data")),
+        num_threads=config.input.threads,
+        prefetch=config.input.prefetch,
+    )  # fmt: skip
+    chunk = input_pipeline.chunk_size(len(s), config.eval_batch_size, jax.device_count())
+    out[split] = s.view(batch_size=chunk, order=streaming.row_order(len(s)))
+  return out
 
 
 def _write_run_info(workdir, config, members, splits, flipped, image_shape, num_groups):

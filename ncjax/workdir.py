@@ -29,10 +29,13 @@ from ncjax.errors import WorkdirError
 
 CONFIG_FILE = "config.json"
 TRAIN_SUMMARY_FILE = "train_summary.json"  # the last file train_and_evaluate writes
-# Fields that do not change what a run computes.
+# Fields that do not change what a run computes (a run started with one value
+# may resume with another). `input.*`: resident and streamed splits feed the
+# same batches in the same order.
 _RUNTIME_FIELDS = (
-    "dataset.data_dir", "progress", "members.strategy", "members.per_step", "checkpoint.every", "study.workers",
-    "compilation_cache_dir", "xla_flags",
+    "dataset.data_dir", "progress", "members.strategy", "members.per_step", "checkpoint.every",
+    "study.workers", "compilation_cache_dir", "xla_flags",
+    "input.streaming", "input.threads", "input.prefetch",
 )
 
 

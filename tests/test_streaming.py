@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ncjax import input_pipeline, streaming, train
+from ncjax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,3 +192,46 @@ def test_worker_processes_read_the_same_batches(tiny_config):
   for x, y in zip(_epoch(threads, 0), _epoch(workers, 0), strict=True):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_views_share_the_opened_split(tiny_config):
+  """A view reads the same rows with its own batch size and order, without
+  opening the files again; the split it came from is unchanged."""
+  split = streaming.StreamingSplit.from_config(tiny_config, "train", batch_size=32, seed=1)
+  view = split.view(batch_size=48, order=streaming.row_order(len(split)), drop_remainder=False)
+  assert view._source is split._source  # pylint: disable=protected-access
+  assert (view.steps_per_epoch, split.steps_per_epoch) == (3, 4)
+  rows = np.concatenate([b["index"][b["valid"]] for b in view.host_batches(5)])
+  np.testing.assert_array_equal(rows, np.arange(128))
+  assert not np.array_equal(split.permutation(5), np.arange(128))
+  with pytest.raises(ConfigError, match="larger than the split"):
+    split.view(batch_size=256)
+
+
+class _Device:
+  def __init__(self, process_index: int):
+    self.process_index = process_index
+
+  def __repr__(self) -> str:
+    return f"dev(p{self.process_index})"
+
+
+class _Sharding:
+  """devices_indices_map of a 1-D batch sharding over one device a process."""
+
+  def __init__(self, processes_in_mesh_order):
+    self.order = processes_in_mesh_order
+
+  def devices_indices_map(self, shape):
+    local = shape[0] // len(self.order)
+    return {
+        _Device(p): (slice(i * local, (i + 1) * local),) for i, p in enumerate(self.order)
+    }
+
+
+def test_process_slices_must_match_the_sharding():
+  """Process p reads block p of each batch; a mesh that puts another
+  process's devices there is refused (alike on every process)."""
+  streaming._check_process_rows(_Sharding([0, 1]), 8, 2)  # pylint: disable=protected-access
+  with pytest.raises(ConfigError, match=r"process 1\) holds rows \[0, 4\)"):
+    streaming._check_process_rows(_Sharding([1, 0]), 8, 2)  # pylint: disable=protected-access
