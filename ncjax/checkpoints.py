@@ -102,7 +102,8 @@ def restore_stage(workdir: str, member: str, stage: str) -> dict[str, Any]:
   Builds the model from the workdir's config.json, so it needs nothing but
   the workdir: `restore_stage('/tmp/run', 'seed0_bias0.25', 'early')`.
   """
-  from ncjax import train, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from ncjax import train  # pylint: disable=import-outside-toplevel
+  from ncjax import workdir as workdir_lib
 
   path = stage_path(workdir, member, stage)
   if not os.path.isdir(path):

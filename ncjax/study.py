@@ -35,7 +35,6 @@ from ncjax import evaluate, input_pipeline, metric_writers, runtime, train
 from ncjax import workdir as workdir_lib
 from ncjax.errors import ConfigError, NcjaxError
 
-
 _CONFIG_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"
 )
@@ -143,7 +142,7 @@ def run(config, workdir: str, overrides: dict[str, Any] | None = None) -> dict[s
     for _, job_config in jobs:
       job_config.progress = False  # the parent draws one bar for all jobs
   outcomes = _run_jobs(jobs, workers, progress=config.progress)
-  for i, (job_dir, outcome) in enumerate(zip((d for d, _ in jobs), outcomes), start=1):
+  for (job_dir, _), outcome in zip(jobs, outcomes, strict=True):
     label = os.path.relpath(job_dir, workdir)
     if isinstance(outcome, str):
       logging.error("%s failed: %s", label, outcome)

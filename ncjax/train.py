@@ -48,9 +48,17 @@ import numpy as np
 import optax
 
 from ncjax import bias as bias_lib
-from ncjax import checkpoints, datasets, input_pipeline, metric_writers, neural_collapse, resnet
+from ncjax import (
+  checkpoints,
+  datasets,
+  input_pipeline,
+  metric_writers,
+  neural_collapse,
+  resnet,
+  runtime,
+  streaming,
+)
 from ncjax import members as members_lib
-from ncjax import runtime, streaming
 from ncjax import workdir as workdir_lib
 from ncjax.errors import ConfigError, NcjaxError
 

@@ -204,7 +204,7 @@ def write_chexpert(
   # Split by patient, 60/10/30; some rows get no split.
   split_of = dict(zip(patients, np.resize(
       ["train"] * 6 + ["validate"] + ["test"] * 3, num_patients
-  )))  # fmt: skip
+  ), strict=True))  # fmt: skip
   chosen = [i for i in range(len(train)) if i % 9 != 4]
   split = pd.DataFrame({
       "index": chosen,

@@ -116,7 +116,7 @@ def test_crop_resize_matches_torch_bilinear_reference(box):
 def _torchvision_loop(fracs, log_ratios, height, width, ratio):
   """RandomResizedCrop.get_params's size logic in plain Python floats."""
   area = height * width
-  for frac, log_r in zip(fracs, log_ratios):
+  for frac, log_r in zip(fracs, log_ratios, strict=True):
     target = area * float(frac)
     aspect = math.exp(float(log_r))
     w = int(round(math.sqrt(target * aspect)))
@@ -155,7 +155,7 @@ def test_choose_crop_size_matches_torchvision_attempt_loop():
 def test_fallback_is_torchvision_centre_crop(height, width, expected):
   p = augment.sample_params(jax.random.key(5), 4, height, width,
                             scale=(0.9, 1.0))
-  for field, value in zip(p[:4], expected):
+  for field, value in zip(p[:4], expected, strict=True):
     np.testing.assert_array_equal(np.asarray(field), value)
 
 
@@ -195,7 +195,7 @@ def test_crop_and_angle_distribution():
   # Standard error of the mean is ~0.002; rounding bias is far smaller.
   assert abs(frac.mean() - _expected_area_fraction()) < 0.01
   assert frac.mean() < 0.6  # rejection really cut the high areas
-  assert len(set(zip(h.tolist(), w.tolist()))) > 1000
+  assert len(set(zip(h.tolist(), w.tolist(), strict=True))) > 1000
   assert np.abs(angle).max() <= 15.0
   assert abs(angle.mean()) < 0.3 and abs(angle.std() - 15 / math.sqrt(3)) < 0.2
   # Positions are uniform over the free range: mean relative offset ~ 1/2.
@@ -206,7 +206,7 @@ def test_examples_in_a_batch_get_different_parameters():
   x = np.repeat(_images((1, 32, 40, 3), seed=7), 8, axis=0)
   key = jax.random.key(8)
   p = augment.sample_params(key, 8, 32, 40)
-  boxes = set(zip(*(np.asarray(v).tolist() for v in p[:4])))
+  boxes = set(zip(*(np.asarray(v).tolist() for v in p[:4]), strict=True))
   assert len(boxes) == 8
   assert len(set(np.asarray(p.angle).tolist())) == 8
   out = np.asarray(augment.train_transform(jnp.asarray(x), key, out_size=16))

@@ -23,13 +23,13 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
+import dataset_fixtures as fx
 import numpy as np
 import pandas as pd
 import pytest
 
 from ncjax import datasets, prepare
 from ncjax.errors import DataError
-import dataset_fixtures as fx
 
 NAMES = ("papila", "ham10000", "chexpert")
 SIZES = {"papila": (6, 8), "ham10000": (6, 8), "chexpert": (6, 6)}
@@ -244,7 +244,7 @@ def test_damaged_images_fail_the_build_naming_each(name, kind, original, tmp_pat
   else:
     assert message.startswith("2 image(s) could not be read: ")
     assert f"expected whole 8-bit images under {manual}; " in message
-  for path, reason in zip(damaged, reasons):
+  for path, reason in zip(damaged, reasons, strict=True):
     assert re.search(re.escape(path) + r" \(" + reason + r"\)[,;]", message), message
   assert message.endswith("pass --skip_bad_images to leave them out")
 
@@ -315,7 +315,7 @@ def test_other_colour_modes_are_converted_and_counted(name, original, tmp_path):
   by_split = itertools.zip_longest(*(orig.paths(s) for s in datasets.SPLITS))
   paths = [p for group in by_split for p in group if p][: len(MODES[name])]
   expected = {}
-  for mode, path in zip(MODES[name], paths):
+  for mode, path in zip(MODES[name], paths, strict=False):
     seen = fx.write_image_as(os.path.join(manual, path), mode, COLOUR)
     # Independently: gray is copied to R, G, B; colour becomes ITU-R 601-2
     # luma; alpha is dropped.

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import dataset_fixtures as fx
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,7 +23,6 @@ from sklearn.model_selection import train_test_split
 from ncjax import datasets, prepare
 from ncjax.datasets import downloaded
 from ncjax.errors import DataError
-import dataset_fixtures as fx
 
 SIZES = {"papila": (6, 8), "ham10000": (6, 8), "chexpert": (6, 6)}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def _assert_images_match_files(builder, name):
 
 def _nothing_prepared(data_dir):
   found = []
-  for root, dirs, files in os.walk(data_dir):
+  for _root, dirs, files in os.walk(data_dir):
     found += [d for d in dirs if d.startswith("incomplete")]
     found += [f for f in files if f in ("dataset_info.json",) or "array_record" in f]
   return not found
@@ -243,7 +243,7 @@ def test_same_files_build_identically(ham, tmp_path):
   for split in datasets.SPLITS:
     a, b = _records(first, split), _records(second, split)
     assert [_text(r["path"]) for r in a] == [_text(r["path"]) for r in b]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
       assert ra.keys() == rb.keys()
       for key in ra:
         np.testing.assert_array_equal(ra[key], rb[key])

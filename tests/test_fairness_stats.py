@@ -13,7 +13,6 @@ from sklearn import metrics as skm
 from ncjax import fairness, split_probe, statistics
 from ncjax.errors import DataError
 
-
 # --- fairness -------------------------------------------------------------
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 
+import dataset_fixtures as fx
 import numpy as np
 import pytest
 
-import dataset_fixtures as fx
 from configs import chexpert as chexpert_config
 from configs import ham10000 as ham_config
-from configs import papila as papila_config
 from configs import paper as paper_config
+from configs import papila as papila_config
 from ncjax import evaluate, metric_writers, prepare, study, train
 
 

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from ncjax import checkpoints, metric_writers, train, workdir as workdir_lib
+from ncjax import checkpoints, metric_writers, train
+from ncjax import workdir as workdir_lib
 from ncjax.errors import ConfigError, WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,7 @@ def _assert_same_run(reference: str, other: str, member_names) -> None:
       want = checkpoints.restore_stage(reference, name, stage)
       got = checkpoints.restore_stage(other, name, stage)
       assert jax.tree.structure(got) == jax.tree.structure(want)
-      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with open(os.path.join(reference, "train_summary.json")) as f, open(
       os.path.join(other, "train_summary.json")
@@ -164,7 +165,7 @@ def test_seed_order_does_not_change_any_members_results(tiny_run, tiny_config, t
   for m in ("seed0_bias0.25", "seed1_bias0"):
     for x, y in zip(
         jax.tree.leaves(checkpoints.restore_stage(reference, m, "final")),
-        jax.tree.leaves(checkpoints.restore_stage(work, m, "final")),
+        jax.tree.leaves(checkpoints.restore_stage(work, m, "final")), strict=True,
     ):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

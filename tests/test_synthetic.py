@@ -7,11 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from configs import synthetic as synthetic_config
 from ncjax import datasets
 from ncjax.datasets import synthetic
 from ncjax.errors import ConfigError
-
-from configs import synthetic as synthetic_config
 
 
 def _params(**overrides) -> synthetic.SyntheticParams:

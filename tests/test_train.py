@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ncjax import checkpoints, datasets, input_pipeline, members, metric_writers, train
+from ncjax import checkpoints, input_pipeline, members, metric_writers, train
 from ncjax.errors import ConfigError, DataError, WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,7 +207,7 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
     for stage in checkpoints.STAGES:
       a = checkpoints.restore_stage(workdir, member, stage)
       b = checkpoints.restore_stage(str(out), member, stage)
-      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
 
 

@@ -28,7 +28,7 @@ _NON_ATTRIBUTE_FIELDS = {"image", "label", "id", "path"}
 
 # name -> (make_builder(data_dir, **kwargs) -> tfds builder, attribute names,
 #          how to prepare it: a sentence for the error when it is missing)
-BUILDERS: dict[str, "DatasetEntry"] = {}
+BUILDERS: dict[str, DatasetEntry] = {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -540,7 +540,7 @@ class DownloadedImageBuilder(
       cohort["problem"] = None
     # Missing and empty files fail the build before anything is decoded.
     unreadable = {}
-    for path, problem in zip(cohort["path"], cohort["problem"]):
+    for path, problem in zip(cohort["path"], cohort["problem"], strict=True):
       if not isinstance(problem, str):
         problem = file_problem(os.fspath(manual_dir / path))
       if isinstance(problem, str):
@@ -588,7 +588,7 @@ class DownloadedImageBuilder(
     yielded = 0
     with progress:
       images = _load_all(files, load, self._pool)
-      for record, (image, error, mode) in zip(records, images):
+      for record, (image, error, mode) in zip(records, images, strict=True):
         progress.update()
         if error is not None:
           self._bad_images.append(

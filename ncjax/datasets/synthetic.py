@@ -105,7 +105,7 @@ class SyntheticParams:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
   @classmethod
-  def from_config(cls, cfg: Mapping[str, Any]) -> "SyntheticParams":
+  def from_config(cls, cfg: Mapping[str, Any]) -> SyntheticParams:
     """From the `config.dataset.synthetic` section (a ConfigDict or dict)."""
     attrs = tuple(
         (name, AttributeSpec(**dict(spec)))
