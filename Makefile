@@ -26,7 +26,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/python -m ruff check ncjax tests configs launch benchmarks
-	$(VENV)/bin/python -m ruff format --check ncjax tests configs launch benchmarks
+	$(VENV)/bin/python -m pyink --check ncjax tests configs launch benchmarks
 
 format: $(STAMP)
-	$(VENV)/bin/python -m ruff format ncjax tests configs launch benchmarks
+	$(VENV)/bin/python -m pyink ncjax tests configs launch benchmarks

@@ -81,7 +81,15 @@ from configs import synthetic as synthetic_config  # noqa: E402  pylint: disable
 from ncjax import input_pipeline, runtime, streaming, train  # noqa: E402  pylint: disable=wrong-import-position
 
 SECTIONS = (
-    "machine", "train", "breakdown", "convs", "profile", "nc", "input", "torch", "xla_flags",
+    "machine",
+    "train",
+    "breakdown",
+    "convs",
+    "profile",
+    "nc",
+    "input",
+    "torch",
+    "xla_flags",
     "compile",
 )
 MODELS = ("synthetic", "resnet18")
@@ -94,7 +102,7 @@ XLA_FLAGSETS = {
     # (configs/base.py CPU_XLA_FLAGS).
     "ynn_reduce": base_config.CPU_XLA_FLAGS,
     "ynn_reduce_eltwise": "--xla_cpu_experimental_ynn_fusion_type="
-                          "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_ELTWISE",
+    "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_ELTWISE",
     "onednn_conv": "--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
     "xnn_conv": "--xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
     "eigen_single_thread": "--xla_cpu_multi_thread_eigen=false",
@@ -506,6 +514,7 @@ def torch_resnet(torch, *, stage_sizes, width: int, stem: str, in_channels: int)
   nn = torch.nn
 
   class Block(nn.Module):
+
     def __init__(self, cin, cout, stride):
       super().__init__()
       self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -548,7 +557,9 @@ def _torch_setup(torch, model: str, image_size: int, members: int):
   )  # fmt: skip
   dev = _torch_device(torch)
   gen = torch.Generator().manual_seed(0)
-  images = torch.randint(0, 256, (n, shape[2], shape[0], shape[1]), dtype=torch.uint8, generator=gen)
+  images = torch.randint(
+      0, 256, (n, shape[2], shape[0], shape[1]), dtype=torch.uint8, generator=gen
+  )
   labels = torch.randint(0, 2, (n,), generator=gen)
   mean = torch.tensor(config.dataset.mean).view(1, -1, 1, 1)
   std = torch.tensor(config.dataset.std).view(1, -1, 1, 1)
@@ -837,8 +848,10 @@ def section_profile(args) -> dict[str, Any]:
                                steps[model], directory)  # fmt: skip
     out[model] = result
     rows += [r for r in result["rows"] if r["share"] >= 0.01]
-    print(f"  {model}: {result['wall_ms_per_step']:.1f} ms/step wall, "
-          f"{result['thread_ms_per_step']:.1f} ms/step XLA thread time")
+    print(
+        f"  {model}: {result['wall_ms_per_step']:.1f} ms/step wall, "
+        f"{result['thread_ms_per_step']:.1f} ms/step XLA thread time"
+    )
   print_table("profile (XLA:CPU thread time per step, ops with >= 1%)", rows, [
       ("model", "model", ""), ("phase", "phase", ""), ("kind", "kind", ""),
       ("thread_ms", "ms", ".1f"), ("share", "share", ".2f"),
@@ -1139,39 +1152,73 @@ def parse_args(argv=None):
   p.add_argument("--models", type=strs, default=list(MODELS), help=",".join(MODELS))
   p.add_argument("--members", type=ints, default=[1, 20], help="member counts, e.g. 1,20")
   p.add_argument("--resnet-members", type=ints, default=None, help="default: --members")
-  p.add_argument("--steps", type=int, default=None,
-                 help="synthetic steps per member (default one epoch, 48)")
-  p.add_argument("--resnet-steps", type=int, default=None,
-                 help="ResNet-18 steps per member (default 3 on CPU, 20 otherwise)")
-  p.add_argument("--resnet-image-size", type=int, default=224,
-                 help="ResNet-18 input and streamed image size")
+  p.add_argument(
+      "--steps", type=int, default=None, help="synthetic steps per member (default one epoch, 48)"
+  )
+  p.add_argument(
+      "--resnet-steps",
+      type=int,
+      default=None,
+      help="ResNet-18 steps per member (default 3 on CPU, 20 otherwise)",
+  )
+  p.add_argument(
+      "--resnet-image-size", type=int, default=224, help="ResNet-18 input and streamed image size"
+  )
   p.add_argument("--strategies", type=strs, default=["loop", "vmap"], help="loop,vmap")
-  p.add_argument("--dtypes", type=strs, default=["float32"],
-                 help="compute dtypes of the train rows, e.g. float32,bfloat16")
-  p.add_argument("--max-seconds", type=float, default=120.0,
-                 help="cap on one measurement's timed loop (at least one step runs)")
+  p.add_argument(
+      "--dtypes",
+      type=strs,
+      default=["float32"],
+      help="compute dtypes of the train rows, e.g. float32,bfloat16",
+  )
+  p.add_argument(
+      "--max-seconds",
+      type=float,
+      default=120.0,
+      help="cap on one measurement's timed loop (at least one step runs)",
+  )
   p.add_argument("--nc-rows", type=int, default=10_000, help="features of the NC pass")
   p.add_argument("--nc-repeats", type=int, default=5)
-  p.add_argument("--input-images", type=int, default=384,
-                 help="images of the temporary 224x224x3 array_record dataset")
+  p.add_argument(
+      "--input-images",
+      type=int,
+      default=384,
+      help="images of the temporary 224x224x3 array_record dataset",
+  )
   p.add_argument("--input-epochs", type=int, default=3)
-  p.add_argument("--stream", type=strs, default=None,
-                 help="streaming settings THREADSxWORKERS, e.g. 1x0,4x0,2x2")
-  p.add_argument("--torch-repeats", type=int, default=None,
-                 help="interleaved JAX/torch rounds of the torch comparison (default 3)")
+  p.add_argument(
+      "--stream",
+      type=strs,
+      default=None,
+      help="streaming settings THREADSxWORKERS, e.g. 1x0,4x0,2x2",
+  )
+  p.add_argument(
+      "--torch-repeats",
+      type=int,
+      default=None,
+      help="interleaved JAX/torch rounds of the torch comparison (default 3)",
+  )
   p.add_argument("--data-dir", default="", help="TFDS data dir of the synthetic dataset")
   p.add_argument("--profile-dir", default="", help="keep the profiler traces here")
-  p.add_argument("--xla-flagsets", type=strs, default=list(XLA_FLAGSETS),
-                 help=",".join(XLA_FLAGSETS))
+  p.add_argument(
+      "--xla-flagsets", type=strs, default=list(XLA_FLAGSETS), help=",".join(XLA_FLAGSETS)
+  )
   p.add_argument("--xla-repeats", type=int, default=2)
   p.add_argument("--xla-resnet-steps", type=int, default=None)
-  p.add_argument("--compile-epochs", type=int, default=2,
-                 help="epochs of each run of the main job in section compile")
+  p.add_argument(
+      "--compile-epochs",
+      type=int,
+      default=2,
+      help="epochs of each run of the main job in section compile",
+  )
   p.add_argument("--quick", action="store_true", help="a few steps of everything (CI smoke)")
   p.add_argument("--json", default=None, help="write the results here")
-  p.add_argument("--xla-flags", default=synthetic_config.get_config().xla_flags,
-                 help="added to $XLA_FLAGS as ncjax.main adds config.xla_flags "
-                      "(default: the config's default); '' = XLA's own defaults")
+  p.add_argument(
+      "--xla-flags",
+      default=synthetic_config.get_config().xla_flags,
+      help="added to $XLA_FLAGS as ncjax.main adds config.xla_flags "
+      "(default: the config's default); '' = XLA's own defaults",
+  )
   p.add_argument("--xla-worker", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if not args.xla_worker:  # a worker runs with exactly its flag set's XLA_FLAGS
@@ -1241,7 +1288,10 @@ def main(argv=None) -> int:
       results[name] = section_xla_flags(args)
     elif name == "compile":
       results[name] = section_compile(args)
-    memory[name] = {"maxrss_mb": round(_maxrss_mb(), 1), "seconds": round(time.perf_counter() - t0, 1)}
+    memory[name] = {
+        "maxrss_mb": round(_maxrss_mb(), 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
   results["memory"] = memory
   results["targets"] = targets(results)
   results["seconds"] = time.perf_counter() - t_start

@@ -53,7 +53,7 @@ def device_slots(gpus: list[str], parallel: int) -> list[str | None]:
         f"--gpus has {len(gpus)} devices, not a multiple of --parallel={parallel}"
     )
   per = len(gpus) // parallel
-  return [",".join(gpus[i * per:(i + 1) * per]) for i in range(parallel)]
+  return [",".join(gpus[i * per : (i + 1) * per]) for i in range(parallel)]
 
 
 def _environment(devices: str | None, parallel: int) -> dict[str, str]:
@@ -94,7 +94,9 @@ def _run(jobs: list[tuple[sweep.Point, list[str]]], root: str, slots: list[str |
         devices = f" on devices {slots[slot]}" if slots[slot] is not None else ""
         print(f"start: {point.name}{devices}", file=sys.stderr, flush=True)
         proc = subprocess.Popen(  # pylint: disable=consider-using-with
-            command, env=_environment(slots[slot], parallel), stdout=log,
+            command,
+            env=_environment(slots[slot], parallel),
+            stdout=log,
             stderr=subprocess.STDOUT if log else None,
         )
         running[slot] = (proc, point, time.perf_counter(), log)
@@ -131,8 +133,12 @@ def main(argv: list[str], extras: list[str]) -> int:
   points, states = plan(config, root, extras)
   dry = _DRY_RUN.value
   if dry and _PARALLEL.value > 1:
-    print(f"# {_PARALLEL.value} at a time" + "".join(
-        f"; slot {i}: CUDA_VISIBLE_DEVICES={d}" for i, d in enumerate(slots) if d is not None))
+    print(
+        f"# {_PARALLEL.value} at a time"
+        + "".join(
+            f"; slot {i}: CUDA_VISIBLE_DEVICES={d}" for i, d in enumerate(slots) if d is not None
+        )
+    )
   # A dry run's notes are shell comments beside its commands.
   note = (lambda text: print(f"# {text}")) if dry else (lambda text: print(text, file=sys.stderr))
   jobs = []

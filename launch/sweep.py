@@ -78,7 +78,11 @@ class Point:
   def command(self, config: str, root: str, python: str = "python") -> list[str]:
     """The `ncjax.main` command line of this point, as a list of tokens."""
     return [
-        python, "-m", MAIN_MODULE, f"--config={config}", f"--workdir={self.workdir(root)}",
+        python,
+        "-m",
+        MAIN_MODULE,
+        f"--config={config}",
+        f"--workdir={self.workdir(root)}",
         *self.flags,
     ]
 
@@ -271,7 +275,7 @@ def expand(spec: str, extra_flags: Sequence[str] = ()) -> list[Point]:
   fields = _field_paths(config)
   extra_keys = []
   for flag in extra_flags:
-    key = flag[len(FLAG_PREFIX):].split("=", 1)[0]
+    key = flag[len(FLAG_PREFIX) :].split("=", 1)[0]
     _check_key(key, fields, flag)
     extra_keys.append(key)
   try:

@@ -72,8 +72,9 @@ class AugParams(NamedTuple):
 # Normalisation
 
 
-def resolve_stats(mean: Stats, std: Stats,
-                  channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def resolve_stats(
+    mean: Stats, std: Stats, channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-channel (mean, std) tuples for `channels`, with the defaults filled in.
 
   None means ImageNet for 3 channels and `GRAY_MEAN`/`GRAY_STD` for 1; a scalar
@@ -81,21 +82,22 @@ def resolve_stats(mean: Stats, std: Stats,
   non-positive std, since these come from the user's config.
   """
 
-  def one(value: Stats, default3: tuple[float, ...], default1: tuple[float, ...],
-          name: str) -> tuple[float, ...]:
+  def one(
+      value: Stats, default3: tuple[float, ...], default1: tuple[float, ...], name: str
+  ) -> tuple[float, ...]:
     if value is None:
       if channels == 3:
         return default3
       if channels == 1:
         return default1
-      raise ConfigError(
-          f"augment: no default {name} for {channels}-channel images; set it")
+      raise ConfigError(f"augment: no default {name} for {channels}-channel images; set it")
     if isinstance(value, (int, float)):
       return (float(value),) * channels
     values = tuple(float(v) for v in value)
     if len(values) != channels:
-      raise ConfigError(f"augment: {name} has {len(values)} values but the "
-                        f"images have {channels} channels")
+      raise ConfigError(
+          f"augment: {name} has {len(values)} values but the images have {channels} channels"
+      )
     return values
 
   mean_t = one(mean, IMAGENET_MEAN, GRAY_MEAN, "mean")
@@ -115,8 +117,9 @@ def _input_scale(dtype: Any) -> float:
   raise TypeError(f"augment: images must be uint8 or floating, got {dtype}")
 
 
-def _normalise(values: jax.Array, in_dtype: Any, mean: tuple[float, ...],
-               std: tuple[float, ...], dtype: Any) -> jax.Array:
+def _normalise(
+    values: jax.Array, in_dtype: Any, mean: tuple[float, ...], std: tuple[float, ...], dtype: Any
+) -> jax.Array:
   """(values * input scale - mean) / std over the last axis, cast to `dtype`."""
   scale = _input_scale(in_dtype)
   mean_a = jnp.asarray(mean, jnp.float32)
@@ -130,8 +133,9 @@ def _normalize_jit(images, mean, std, dtype):
   return _normalise(images, images.dtype, mean, std, dtype)
 
 
-def normalize(images: jax.Array, *, mean: Stats = None, std: Stats = None,
-              dtype: Any = jnp.float32) -> jax.Array:
+def normalize(
+    images: jax.Array, *, mean: Stats = None, std: Stats = None, dtype: Any = jnp.float32
+) -> jax.Array:
   """Only the normalisation: (images / 255 - mean) / std, shape unchanged."""
   _check_images(images)
   mean_t, std_t = resolve_stats(mean, std, images.shape[-1])
@@ -140,9 +144,7 @@ def normalize(images: jax.Array, *, mean: Stats = None, std: Stats = None,
 
 def _check_images(images: jax.Array) -> None:
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(
-        f"augment: images must be N x H x W x C with C in (1, 3), got "
-        f"{images.shape}")
+    raise ValueError(f"augment: images must be N x H x W x C with C in (1, 3), got {images.shape}")
   _input_scale(images.dtype)
 
 
@@ -150,8 +152,7 @@ def _check_images(images: jax.Array) -> None:
 # Parameter sampling (RandomResizedCrop.get_params, RandomRotation.get_params)
 
 
-def _fallback_crop(height: int, width: int,
-                   ratio: tuple[float, float]) -> tuple[int, int]:
+def _fallback_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
   """torchvision's crop (h, w) when no attempt fits: a central crop clamped
   to the ratio range. Static, because it depends only on the image shape."""
   in_ratio = width / height
@@ -166,10 +167,13 @@ def _fallback_crop(height: int, width: int,
   return h, w
 
 
-def choose_crop_size(area_fraction: jax.Array, log_ratio: jax.Array,
-                     height: int, width: int,
-                     ratio: tuple[float, float]) -> tuple[jax.Array, jax.Array,
-                                                          jax.Array]:
+def choose_crop_size(
+    area_fraction: jax.Array,
+    log_ratio: jax.Array,
+    height: int,
+    width: int,
+    ratio: tuple[float, float],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(h, w, found) from candidate draws, as torchvision's attempt loop would.
 
   `area_fraction` and `log_ratio` hold the attempts in order (shape (A,));
@@ -185,18 +189,22 @@ def choose_crop_size(area_fraction: jax.Array, log_ratio: jax.Array,
   first = jnp.argmax(valid)  # index of the first True (0 if none)
   found = jnp.any(valid)
   fb_h, fb_w = _fallback_crop(height, width, ratio)
-  return (jnp.where(found, h[first], fb_h), jnp.where(found, w[first], fb_w),
-          found)
+  return (jnp.where(found, h[first], fb_h), jnp.where(found, w[first], fb_w), found)
 
 
-def _sample_one(key: jax.Array, height: int, width: int,
-                scale: tuple[float, float], ratio: tuple[float, float],
-                degrees: float) -> tuple[jax.Array, ...]:
+def _sample_one(
+    key: jax.Array,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    degrees: float,
+) -> tuple[jax.Array, ...]:
   # One uniform draw feeds every parameter: each PRNG call inlines a threefry
   # kernel, and a handful of them made this the bulk of the compile time.
   u = jax.random.uniform(key, (2 * CROP_ATTEMPTS + 3,))
-  area_u, ratio_u = u[:CROP_ATTEMPTS], u[CROP_ATTEMPTS:2 * CROP_ATTEMPTS]
-  top_u, left_u, angle_u = u[2 * CROP_ATTEMPTS:]
+  area_u, ratio_u = u[:CROP_ATTEMPTS], u[CROP_ATTEMPTS : 2 * CROP_ATTEMPTS]
+  top_u, left_u, angle_u = u[2 * CROP_ATTEMPTS :]
   area_fraction = scale[0] + (scale[1] - scale[0]) * area_u
   log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
   log_ratio = log_lo + (log_hi - log_lo) * ratio_u
@@ -212,18 +220,25 @@ def _sample_one(key: jax.Array, height: int, width: int,
   return top, left, h, w, angle
 
 
-def sample_params(key: jax.Array, num: int, height: int, width: int, *,
-                  scale: tuple[float, float] = (0.08, 1.0),
-                  ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                  degrees: float = 15.0) -> AugParams:
+def sample_params(
+    key: jax.Array,
+    num: int,
+    height: int,
+    width: int,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    degrees: float = 15.0,
+) -> AugParams:
   """Independent crop and angle draws for `num` images of height x width.
 
   The key is split into `num` per-example keys (so the same key with another
   batch size gives other draws).
   """
   keys = jax.random.split(key, num)
-  out = jax.vmap(lambda k: _sample_one(k, height, width, tuple(scale),
-                                       tuple(ratio), float(degrees)))(keys)
+  out = jax.vmap(
+      lambda k: _sample_one(k, height, width, tuple(scale), tuple(ratio), float(degrees))
+  )(keys)
   return AugParams(*out)
 
 
@@ -257,8 +272,15 @@ def _bilinear(image: jax.Array, ys: jax.Array, xs: jax.Array) -> jax.Array:
   return top * (1 - wy) + bottom * wy
 
 
-def _warp_one(image: jax.Array, top: jax.Array, left: jax.Array, h: jax.Array,
-              w: jax.Array, angle: jax.Array, out_size: int) -> jax.Array:
+def _warp_one(
+    image: jax.Array,
+    top: jax.Array,
+    left: jax.Array,
+    h: jax.Array,
+    w: jax.Array,
+    angle: jax.Array,
+    out_size: int,
+) -> jax.Array:
   """Crop (top, left, h, w) resized to out_size, then rotated by `angle`
   degrees about the centre, in one bilinear pass; float32 raw pixel values
   with the rotation's fill region set to 0."""
@@ -275,53 +297,61 @@ def _warp_one(image: jax.Array, top: jax.Array, left: jax.Array, h: jax.Array,
   v = sin * dx + cos * dy + centre
   # Bilinear interpolation of an all-ones frame with zero padding: 1 inside,
   # ramping to 0 over the one pixel outside, as torchvision's fill mask.
-  mask = (jnp.clip(jnp.minimum(u + 1, size - u), 0, 1) *
-          jnp.clip(jnp.minimum(v + 1, size - v), 0, 1))
+  mask = jnp.clip(jnp.minimum(u + 1, size - u), 0, 1) * jnp.clip(jnp.minimum(v + 1, size - v), 0, 1)
   # Resized-crop frame -> source, with PyTorch's align_corners=False
   # convention; the clamp to the crop box reproduces its edge handling.
   hf = h.astype(jnp.float32)
   wf = w.astype(jnp.float32)
-  ys = top.astype(jnp.float32) + jnp.clip((v + 0.5) * (hf / size) - 0.5, 0,
-                                          hf - 1)
-  xs = left.astype(jnp.float32) + jnp.clip((u + 0.5) * (wf / size) - 0.5, 0,
-                                           wf - 1)
+  ys = top.astype(jnp.float32) + jnp.clip((v + 0.5) * (hf / size) - 0.5, 0, hf - 1)
+  xs = left.astype(jnp.float32) + jnp.clip((u + 0.5) * (wf / size) - 0.5, 0, wf - 1)
   return _bilinear(image, ys, xs) * mask[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("out_size", "mean", "std",
-                                             "dtype"))
+@functools.partial(jax.jit, static_argnames=("out_size", "mean", "std", "dtype"))
 def _apply_jit(images, params, out_size, mean, std, dtype):
   warped = jax.vmap(_warp_one, in_axes=(0, 0, 0, 0, 0, 0, None))(
-      images, params.top, params.left, params.height, params.width,
-      params.angle, out_size)
+      images, params.top, params.left, params.height, params.width, params.angle, out_size
+  )
   return _normalise(warped, images.dtype, mean, std, dtype)
 
 
-def apply_params(images: jax.Array, params: AugParams, *, out_size: int,
-                 mean: Stats = None, std: Stats = None,
-                 dtype: Any = jnp.float32) -> jax.Array:
+def apply_params(
+    images: jax.Array,
+    params: AugParams,
+    *,
+    out_size: int,
+    mean: Stats = None,
+    std: Stats = None,
+    dtype: Any = jnp.float32,
+) -> jax.Array:
   """The deterministic half of `train_transform`: warp with given params."""
   _check_images(images)
   mean_t, std_t = resolve_stats(mean, std, images.shape[-1])
   params = AugParams(*(jnp.asarray(p) for p in params))
-  return _apply_jit(images, params, int(out_size), mean_t, std_t,
-                    jnp.dtype(dtype))
+  return _apply_jit(images, params, int(out_size), mean_t, std_t, jnp.dtype(dtype))
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "out_size", "scale", "ratio", "degrees", "mean", "std", "dtype"))
+@functools.partial(
+    jax.jit, static_argnames=("out_size", "scale", "ratio", "degrees", "mean", "std", "dtype")
+)
 def _train_jit(images, key, out_size, scale, ratio, degrees, mean, std, dtype):
   num, height, width, _ = images.shape
-  params = sample_params(key, num, height, width, scale=scale, ratio=ratio,
-                         degrees=degrees)
+  params = sample_params(key, num, height, width, scale=scale, ratio=ratio, degrees=degrees)
   return _apply_jit(images, params, out_size, mean, std, dtype)
 
 
-def train_transform(images: jax.Array, key: jax.Array, *, out_size: int,
-                    scale: tuple[float, float] = (0.08, 1.0),
-                    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                    degrees: float = 15.0, mean: Stats = None,
-                    std: Stats = None, dtype: Any = jnp.float32) -> jax.Array:
+def train_transform(
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    out_size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    degrees: float = 15.0,
+    mean: Stats = None,
+    std: Stats = None,
+    dtype: Any = jnp.float32,
+) -> jax.Array:
   """Random resized crop + random rotation + normalisation, per example.
 
   Args:
@@ -340,20 +370,24 @@ def train_transform(images: jax.Array, key: jax.Array, *, out_size: int,
   _check_images(images)
   _check_ranges(scale, ratio, degrees)
   mean_t, std_t = resolve_stats(mean, std, images.shape[-1])
-  return _train_jit(images, key, int(out_size),
-                    tuple(float(s) for s in scale),
-                    tuple(float(r) for r in ratio), float(degrees), mean_t,
-                    std_t, jnp.dtype(dtype))
+  return _train_jit(
+      images,
+      key,
+      int(out_size),
+      tuple(float(s) for s in scale),
+      tuple(float(r) for r in ratio),
+      float(degrees),
+      mean_t,
+      std_t,
+      jnp.dtype(dtype),
+  )
 
 
-def _check_ranges(scale: Sequence[float], ratio: Sequence[float],
-                  degrees: float) -> None:
+def _check_ranges(scale: Sequence[float], ratio: Sequence[float], degrees: float) -> None:
   if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
-    raise ConfigError(f"augment: scale must be (lo, hi) with 0 < lo <= hi, "
-                      f"got {scale}")
+    raise ConfigError(f"augment: scale must be (lo, hi) with 0 < lo <= hi, got {scale}")
   if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
-    raise ConfigError(f"augment: ratio must be (lo, hi) with 0 < lo <= hi, "
-                      f"got {ratio}")
+    raise ConfigError(f"augment: ratio must be (lo, hi) with 0 < lo <= hi, got {ratio}")
   if not degrees >= 0:
     raise ConfigError(f"augment: degrees must be >= 0, got {degrees}")
 
@@ -362,8 +396,7 @@ def _check_ranges(scale: Sequence[float], ratio: Sequence[float],
 # Eval: resize short side, centre crop
 
 
-def eval_geometry(height: int, width: int, resize: int,
-                  out_size: int) -> tuple[int, int, int, int]:
+def eval_geometry(height: int, width: int, resize: int, out_size: int) -> tuple[int, int, int, int]:
   """(resized_h, resized_w, crop_top, crop_left), as torchvision's
   Resize(resize) (short side, long side truncated) and CenterCrop(out_size)."""
   if width <= height:
@@ -371,12 +404,12 @@ def eval_geometry(height: int, width: int, resize: int,
   else:
     new_h, new_w = resize, int(resize * width / height)
   # Python round (half to even), as torchvision's center_crop.
-  return (new_h, new_w, int(round((new_h - out_size) / 2.0)),
-          int(round((new_w - out_size) / 2.0)))
+  return (new_h, new_w, int(round((new_h - out_size) / 2.0)), int(round((new_w - out_size) / 2.0)))
 
 
-def _axis_taps(in_len: int, resized_len: int, offset: int,
-               out_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _axis_taps(
+    in_len: int, resized_len: int, offset: int, out_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Source taps (i0, i1, weight of i1) for output positions offset ..
   offset + out_len - 1 of a bilinear resize in_len -> resized_len, with
   PyTorch's align_corners=False, antialias=False convention."""
@@ -387,8 +420,7 @@ def _axis_taps(in_len: int, resized_len: int, offset: int,
   return i0, i1, (src - i0).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("resize", "out_size", "mean",
-                                             "std", "dtype"))
+@functools.partial(jax.jit, static_argnames=("resize", "out_size", "mean", "std", "dtype"))
 def _eval_jit(images, resize, out_size, mean, std, dtype):
   _, height, width, _ = images.shape
   new_h, new_w, top, left = eval_geometry(height, width, resize, out_size)
@@ -398,17 +430,24 @@ def _eval_jit(images, resize, out_size, mean, std, dtype):
   x0, x1, wx = _axis_taps(width, new_w, left, out_size)
   wy = wy[None, :, None, None]
   wx = wx[None, None, :, None]
-  rows = (jnp.take(images, y0, axis=1).astype(jnp.float32) * (1 - wy) +
-          jnp.take(images, y1, axis=1).astype(jnp.float32) * wy)
-  out = (jnp.take(rows, x0, axis=2) * (1 - wx) +
-         jnp.take(rows, x1, axis=2) * wx)
+  rows = (
+      jnp.take(images, y0, axis=1).astype(jnp.float32) * (1 - wy)
+      + jnp.take(images, y1, axis=1).astype(jnp.float32) * wy
+  )
+  out = jnp.take(rows, x0, axis=2) * (1 - wx) + jnp.take(rows, x1, axis=2) * wx
   return _normalise(out, images.dtype, mean, std, dtype)
 
 
-def eval_transform(images: jax.Array, *, resize: int = 256,
-                   out_size: int = 224, mean: Stats = None, std: Stats = None,
-                   dtype: Any = jnp.float32,
-                   passthrough_at_out_size: bool = True) -> jax.Array:
+def eval_transform(
+    images: jax.Array,
+    *,
+    resize: int = 256,
+    out_size: int = 224,
+    mean: Stats = None,
+    std: Stats = None,
+    dtype: Any = jnp.float32,
+    passthrough_at_out_size: bool = True,
+) -> jax.Array:
   """Resize the short side to `resize`, centre-crop `out_size`, normalise.
 
   With `passthrough_at_out_size` (the default), images that are already
@@ -418,13 +457,11 @@ def eval_transform(images: jax.Array, *, resize: int = 256,
   """
   _check_images(images)
   if resize < out_size:
-    raise ConfigError(f"augment: resize ({resize}) must be >= out_size "
-                      f"({out_size})")
+    raise ConfigError(f"augment: resize ({resize}) must be >= out_size ({out_size})")
   mean_t, std_t = resolve_stats(mean, std, images.shape[-1])
   if passthrough_at_out_size and images.shape[1:3] == (out_size, out_size):
     return _normalize_jit(images, mean_t, std_t, jnp.dtype(dtype))
-  return _eval_jit(images, int(resize), int(out_size), mean_t, std_t,
-                   jnp.dtype(dtype))
+  return _eval_jit(images, int(resize), int(out_size), mean_t, std_t, jnp.dtype(dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -452,17 +489,32 @@ class Augmentation:
   def __post_init__(self):
     _check_ranges(self.scale, self.ratio, self.degrees)
     if self.out_size <= 0 or self.resize < self.out_size:
-      raise ConfigError(f"augment: need 0 < out_size <= resize, got "
-                        f"out_size={self.out_size}, resize={self.resize}")
+      raise ConfigError(
+          f"augment: need 0 < out_size <= resize, got "
+          f"out_size={self.out_size}, resize={self.resize}"
+      )
 
   def train(self, images: jax.Array, key: jax.Array) -> jax.Array:
     if not self.enabled:
       return self.eval(images)
-    return train_transform(images, key, out_size=self.out_size,
-                           scale=self.scale, ratio=self.ratio,
-                           degrees=self.degrees, mean=self.mean, std=self.std,
-                           dtype=self.dtype)
+    return train_transform(
+        images,
+        key,
+        out_size=self.out_size,
+        scale=self.scale,
+        ratio=self.ratio,
+        degrees=self.degrees,
+        mean=self.mean,
+        std=self.std,
+        dtype=self.dtype,
+    )
 
   def eval(self, images: jax.Array) -> jax.Array:
-    return eval_transform(images, resize=self.resize, out_size=self.out_size,
-                          mean=self.mean, std=self.std, dtype=self.dtype)
+    return eval_transform(
+        images,
+        resize=self.resize,
+        out_size=self.out_size,
+        mean=self.mean,
+        std=self.std,
+        dtype=self.dtype,
+    )

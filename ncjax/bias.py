@@ -42,9 +42,7 @@ class BiasSpec:
     if self.mode not in MODES:
       raise ConfigError(f"bias.mode must be one of {MODES}, got {self.mode!r}")
     if self.direction not in DIRECTIONS:
-      raise ConfigError(
-          f"bias.direction must be one of {DIRECTIONS}, got {self.direction!r}"
-      )
+      raise ConfigError(f"bias.direction must be one of {DIRECTIONS}, got {self.direction!r}")
 
 
 def _rng(seed: int, split: str) -> np.random.Generator:
@@ -66,7 +64,9 @@ def flip_mask(
   if not eligible.any():
     logging.warning(
         "bias: no samples with label %d in group %d of split %r; 0 flips",
-        source_label, spec.group, split,
+        source_label,
+        spec.group,
+        split,
     )
     return np.zeros(labels.shape, bool)
   u = _rng(seed, split).random(labels.shape[0])

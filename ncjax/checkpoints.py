@@ -91,9 +91,7 @@ def save_stages(workdir: str, stages: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 def stages_complete(workdir: str, members: list[str]) -> bool:
-  return all(
-      os.path.isdir(stage_path(workdir, m, s)) for m in members for s in STAGES
-  )
+  return all(os.path.isdir(stage_path(workdir, m, s)) for m in members for s in STAGES)
 
 
 def restore_stage(workdir: str, member: str, stage: str) -> dict[str, Any]:

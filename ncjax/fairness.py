@@ -136,9 +136,7 @@ def group_metrics(
   scores = np.asarray(scores)
   groups = np.asarray(groups)
   if groups.shape != labels.shape:
-    raise ValueError(
-        f"groups has shape {groups.shape}, labels {labels.shape}"
-    )
+    raise ValueError(f"groups has shape {groups.shape}, labels {labels.shape}")
   unknown = np.setdiff1d(np.unique(groups), np.asarray(group_ids))
   if unknown.size:
     # A sample outside every reported group would count overall but in no
@@ -147,8 +145,6 @@ def group_metrics(
   result = classification_metrics(labels, predictions, scores)
   for g in group_ids:
     mask = groups == g
-    per_group = classification_metrics(
-        labels[mask], predictions[mask], scores[mask]
-    )
+    per_group = classification_metrics(labels[mask], predictions[mask], scores[mask])
     result.update({f"{k}/g{g}": v for k, v in per_group.items()})
   return result

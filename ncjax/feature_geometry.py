@@ -23,7 +23,6 @@ from ncjax.errors import DataError
 SECOND_AXES = ("within", "group")
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Plane:
   """A 2-D affine view of feature space: p = (h - origin) @ basis."""

@@ -79,8 +79,7 @@ def check_attribute(config) -> None:
     datasets.check_attribute(name, attribute)
   if config.target != "label" and config.target != attribute:
     raise ConfigError(
-        f"target must be 'label' or the studied attribute {attribute!r}, "
-        f"got {config.target!r}"
+        f"target must be 'label' or the studied attribute {attribute!r}, got {config.target!r}"
     )
 
 

@@ -35,7 +35,9 @@ def _define_config_flag():
   """--config; a bad override fails here, when the default config is read."""
   try:
     return config_flags.DEFINE_config_file(
-        "config", _DEFAULT_CONFIG, "Config file, optionally `path.py:arg`.",
+        "config",
+        _DEFAULT_CONFIG,
+        "Config file, optionally `path.py:arg`.",
         lock_config=True,
     )
   except (KeyError, AttributeError) as e:

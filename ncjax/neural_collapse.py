@@ -124,6 +124,7 @@ def _scan_rows(body, carry, rows: Sequence[Array], chunk: int):
   full, tail = divmod(n, chunk)
   outs = []
   if full:
+
     def step(c, i):
       return body(c, *(lax.dynamic_slice_in_dim(x, i * chunk, chunk) for x in rows))
 

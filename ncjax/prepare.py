@@ -23,12 +23,8 @@ from absl import logging as absl_logging
 
 _DATASETS = ("papila", "ham10000", "chexpert")
 _DATASET = flags.DEFINE_enum("dataset", None, _DATASETS, "Dataset to prepare.")
-_MANUAL_DIR = flags.DEFINE_string(
-    "manual_dir", None, "Folder holding the dataset as downloaded."
-)
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "Where prepared datasets live (default: TFDS's)."
-)
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder holding the dataset as downloaded.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where prepared datasets live (default: TFDS's).")
 _SKIP_BAD_IMAGES = flags.DEFINE_bool(
     "skip_bad_images", False, "Leave out unreadable images instead of failing."
 )
@@ -74,8 +70,7 @@ def prepare(
   manual = os.path.abspath(os.path.expanduser(manual_dir))
   if not os.path.isdir(manual):
     raise DataError(
-        f"manual_dir {manual}: folder not found; expected the downloaded "
-        f"{name} files there"
+        f"manual_dir {manual}: folder not found; expected the downloaded {name} files there"
     )
   data_dir = os.path.expanduser(data_dir or default_data_dir())
   builder = datasets.builder(name, data_dir, **builder_kwargs)
@@ -124,9 +119,7 @@ def summarize(name: str, data_dir: str, **builder_kwargs: Any) -> dict[str, Any]
     source = builder.as_data_source(split)
     labels = []
     for start in range(0, len(source), _BATCH):
-      records = source.__getitems__(
-          list(range(start, min(start + _BATCH, len(source))))
-      )
+      records = source.__getitems__(list(range(start, min(start + _BATCH, len(source)))))
       for key in columns:
         values = [int(r[key]) for r in records]
         columns[key].extend(values)
@@ -139,8 +132,7 @@ def summarize(name: str, data_dir: str, **builder_kwargs: Any) -> dict[str, Any]
     values = np.asarray(columns[attribute])
     names = features[attribute].names
     groups[attribute] = [
-        (names[g], int(np.sum(values == g)), int(np.sum(label[values == g])))
-        for g in (0, 1)
+        (names[g], int(np.sum(values == g)), int(np.sum(label[values == g]))) for g in (0, 1)
     ]
   return {
       "dataset": name,
@@ -231,17 +223,13 @@ def main(argv) -> int:
         show_progress=True,
     )
     data_dir = os.path.expanduser(_DATA_DIR.value or default_data_dir())
-    existing = datasets.builder(
-        _DATASET.value, data_dir, image_size=kwargs["image_size"]
-    )
+    existing = datasets.builder(_DATASET.value, data_dir, image_size=kwargs["image_size"])
     if existing.is_prepared():
       print(f"already prepared in {existing.data_dir}; delete it to rebuild")
     else:
       print(f"preparing {_DATASET.value} into {existing.data_dir}")
     prepare(_DATASET.value, _MANUAL_DIR.value, data_dir, **kwargs)
-    summary = summarize(
-        _DATASET.value, data_dir, image_size=kwargs["image_size"]
-    )
+    summary = summarize(_DATASET.value, data_dir, image_size=kwargs["image_size"])
   except NcjaxError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

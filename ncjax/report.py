@@ -39,8 +39,13 @@ GROUP_COLORS = ("tab:purple", "tab:green", "tab:brown", "tab:pink")
 # (split, key, file, y label, log y): Fig. 2 first, then the appendix.
 CURVE_FIGURES = (
     ("train", "nc1", "fig2_train_nc1.png", "train NC1", True),
-    ("train", "nc2_equinorm_w", "figA_train_nc2_equinorm_w.png",
-     "train NC2: equinorm of W (std/mean)", True),
+    (
+        "train",
+        "nc2_equinorm_w",
+        "figA_train_nc2_equinorm_w.png",
+        "train NC2: equinorm of W (std/mean)",
+        True,
+    ),
     ("train", "nc2_etf_w", "figA_train_nc2_etf_w.png", "train NC2: ETF-gram distance of W", True),
     ("train", "nc3", "figA_train_nc3.png", "train NC3 (self-duality)", True),
     ("train", "nc4", "figA_train_nc4.png", "train NC4 (fraction disagreeing)", False),
@@ -175,8 +180,8 @@ def fig1_flipped(summary, path: str) -> str | None:
   if not any("flipped_near_true" in c["curves"].get("train", {}) for c in combos.values()):
     return None
   fig, axes = _grid(
-      len(combos), "Flipped train samples nearer their true-class mean "
-      "(biased models, mean ± sd over seeds)",
+      len(combos),
+      "Flipped train samples nearer their true-class mean (biased models, mean ± sd over seeds)",
   )
   for ax, (name, c) in zip(axes, combos.items(), strict=True):
     curve = c["curves"]["train"].get("flipped_near_true")
@@ -211,8 +216,11 @@ def fig3_split(summary, path: str, stages: Sequence[str] = sr.STAGES) -> str:
   FigureCanvasAgg(fig)
   axes = fig.subplots(1, len(stages), squeeze=False)[0]
   # One panel is too narrow for the title on one line.
-  fig.suptitle("SPLIT AUC of the disease models' features vs subgroup separability"
-               + (" " if len(stages) > 1 else "\n") + "(mean ± sd over seeds)")
+  fig.suptitle(
+      "SPLIT AUC of the disease models' features vs subgroup separability"
+      + (" " if len(stages) > 1 else "\n")
+      + "(mean ± sd over seeds)"
+  )
   vals = []  # every mean +- sd, so that no error bar runs off the axes
   for c in combos.values():
     per_seed = [c["separability_auc"]]
@@ -230,8 +238,15 @@ def fig3_split(summary, path: str, stages: Sequence[str] = sr.STAGES) -> str:
       for side, face in (("biased", color), ("clean", "none")):
         y, ys, _ = sr.mean_sd(c["stages"][stage][side]["split_auc"])
         ax.errorbar(
-            x, y, xerr=np.nan_to_num(xs), yerr=np.nan_to_num(ys), fmt="o", color=color,
-            markerfacecolor=face, markersize=7, capsize=3,
+            x,
+            y,
+            xerr=np.nan_to_num(xs),
+            yerr=np.nan_to_num(ys),
+            fmt="o",
+            color=color,
+            markerfacecolor=face,
+            markersize=7,
+            capsize=3,
             label=name if side == "biased" else None,
         )
     if all(math.isnan(sr.mean_sd(c["separability_auc"])[0]) for c in combos.values()):
@@ -249,8 +264,10 @@ def fig3_split(summary, path: str, stages: Sequence[str] = sr.STAGES) -> str:
     ax.set_ylabel("SPLIT AUC (attribute from features)")
     ax.grid(alpha=0.3)
   handles, labels = axes[0].get_legend_handles_labels()
-  handles += [Line2D([], [], marker="o", color="0.3", linestyle=""),
-              Line2D([], [], marker="o", color="0.3", markerfacecolor="none", linestyle="")]
+  handles += [
+      Line2D([], [], marker="o", color="0.3", linestyle=""),
+      Line2D([], [], marker="o", color="0.3", markerfacecolor="none", linestyle=""),
+  ]
   labels += ["filled: biased models", "hollow: clean models"]
   fig.legend(handles, labels, loc="outside right center")
   return _save(fig, path)
@@ -268,16 +285,30 @@ def _bars(ax, summary, stage, field, ylabel, *, stars: bool):
     mean = np.asarray([_nan(v["mean"]) for v in d])
     sd = np.nan_to_num(np.asarray([_nan(v["sd"]) for v in d]))
     pos = x + (j - (len(groups) - 1) / 2) * width
-    ax.bar(pos, np.nan_to_num(mean), width, yerr=sd, capsize=3,
-           color=GROUP_COLORS[j % 4], label=f"group {g[1:]}")
+    ax.bar(
+        pos,
+        np.nan_to_num(mean),
+        width,
+        yerr=sd,
+        capsize=3,
+        color=GROUP_COLORS[j % 4],
+        label=f"group {g[1:]}",
+    )
     if stars:
       for k, n in enumerate(names):
         p = _nan(combos[n]["stages"][stage]["mannwhitney_f1"][g]["p"])
         if statistics.significance_marker(p, alpha):
           m = np.nan_to_num(mean[k])
           y = m + sd[k] if m >= 0 else m - sd[k]
-          ax.annotate("*", (pos[k], y), ha="center", va="bottom" if m >= 0 else "top",
-                      fontsize=14, xytext=(0, 2 if m >= 0 else -2), textcoords="offset points")
+          ax.annotate(
+              "*",
+              (pos[k], y),
+              ha="center",
+              va="bottom" if m >= 0 else "top",
+              fontsize=14,
+              xytext=(0, 2 if m >= 0 else -2),
+              textcoords="offset points",
+          )
   ax.axhline(0, color="0.2", linewidth=0.8)
   crowded = len(names) > 3  # long names would overlap unless slanted
   ax.set_xticks(x, names, rotation=20 if crowded else 0, ha="right" if crowded else "center")
@@ -295,11 +326,14 @@ def fig4_deltas(summary, path: str, stages: Sequence[str] = sr.STAGES) -> str:
   fig = Figure(figsize=(width, 0.9 + 3.3 * len(stages)), layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(len(stages), 2, squeeze=False)
-  fig.suptitle(f"Biased − clean models on the clean test set (mean ± sd); "
-               f"* Mann-Whitney p < {summary['alpha']:g} (uncorrected)")
+  fig.suptitle(
+      f"Biased − clean models on the clean test set (mean ± sd); "
+      f"* Mann-Whitney p < {summary['alpha']:g} (uncorrected)"
+  )
   for row, stage in enumerate(stages):
-    _bars(axes[row, 0], summary, stage, "delta_nc1_test", "Δ test NC1 (biased − clean)",
-          stars=False)
+    _bars(
+        axes[row, 0], summary, stage, "delta_nc1_test", "Δ test NC1 (biased − clean)", stars=False
+    )
     _bars(axes[row, 1], summary, stage, "delta_f1", "Δ F1 (biased − clean)", stars=True)
   _legend(fig, [axes[0, 0]])
   return _save(fig, path)
@@ -310,8 +344,11 @@ def rate_figure(summary, path: str) -> str | None:
   combos = summary["combos"]
   if not any(len(c["by_rate"]) > 1 for c in combos.values()):
     return None
-  fig, axes = _grid(len(combos), "Δ F1 (biased − clean) against bias rate "
-                    f"(mean ± sd over seeds; * Mann-Whitney p < {summary['alpha']:g})")
+  fig, axes = _grid(
+      len(combos),
+      "Δ F1 (biased − clean) against bias rate "
+      f"(mean ± sd over seeds; * Mann-Whitney p < {summary['alpha']:g})",
+  )
   for ax, (name, c) in zip(axes, combos.items(), strict=True):
     rates = sorted(c["by_rate"], key=float)
     # A small x offset per line keeps error bars of one rate apart.
@@ -322,13 +359,28 @@ def rate_figure(summary, path: str) -> str | None:
         d = [c["by_rate"][r][stage]["delta_f1"][g] for r in rates]
         mean = [0.0] + [_nan(v["mean"]) for v in d]
         sd = [0.0] + [np.nan_to_num(_nan(v["sd"])) for v in d]
-        ax.errorbar(xs, mean, yerr=sd, color=GROUP_COLORS[j % 4], linestyle=ls, marker="o",
-                    markersize=4, capsize=3, label=f"group {g[1:]}, {stage}")
+        ax.errorbar(
+            xs,
+            mean,
+            yerr=sd,
+            color=GROUP_COLORS[j % 4],
+            linestyle=ls,
+            marker="o",
+            markersize=4,
+            capsize=3,
+            label=f"group {g[1:]}, {stage}",
+        )
         for r, x, m in zip(rates, xs[1:], mean[1:], strict=True):
           p = _nan(c["by_rate"][r][stage]["mannwhitney_f1"][g]["p"])
           if statistics.significance_marker(p, summary["alpha"]):
-            ax.annotate("*", (x, m), xytext=(4, 2), textcoords="offset points",
-                        color=GROUP_COLORS[j % 4], fontsize=13)
+            ax.annotate(
+                "*",
+                (x, m),
+                xytext=(4, 2),
+                textcoords="offset points",
+                color=GROUP_COLORS[j % 4],
+                fontsize=13,
+            )
     ax.axhline(0, color="0.2", linewidth=0.8)
     ax.set_title(name)
     ax.set_xlabel("bias rate (fraction of eligible labels flipped)")
@@ -357,15 +409,27 @@ def fairness_rows(summary) -> list[dict[str, Any]]:
       s = c["stages"][stage]
       for g in c["groups"]:
         d, nc, t = s["delta_f1"][g], s["delta_nc1_test"][g], s["mannwhitney_f1"][g]
-        rows.append({
-            "combo": name, "stage": stage, "group": g, "bias_rate": c["main_rate"],
-            "f1_clean_mean": d["clean_mean"], "f1_clean_sd": d["clean_sd"],
-            "f1_biased_mean": d["biased_mean"], "f1_biased_sd": d["biased_sd"],
-            "delta_f1": d["mean"], "delta_f1_sd": d["sd"],
-            "mwu_u": t["u"], "p": t["p"], "p_holm": t["p_holm"],
-            "nc1_test_clean_mean": nc["clean_mean"], "nc1_test_biased_mean": nc["biased_mean"],
-            "delta_nc1_test": nc["mean"], "delta_nc1_test_sd": nc["sd"],
-        })
+        rows.append(
+            {
+                "combo": name,
+                "stage": stage,
+                "group": g,
+                "bias_rate": c["main_rate"],
+                "f1_clean_mean": d["clean_mean"],
+                "f1_clean_sd": d["clean_sd"],
+                "f1_biased_mean": d["biased_mean"],
+                "f1_biased_sd": d["biased_sd"],
+                "delta_f1": d["mean"],
+                "delta_f1_sd": d["sd"],
+                "mwu_u": t["u"],
+                "p": t["p"],
+                "p_holm": t["p_holm"],
+                "nc1_test_clean_mean": nc["clean_mean"],
+                "nc1_test_biased_mean": nc["biased_mean"],
+                "delta_nc1_test": nc["mean"],
+                "delta_nc1_test_sd": nc["sd"],
+            }
+        )
   return rows
 
 
@@ -377,12 +441,18 @@ def split_rows(summary) -> list[dict[str, Any]]:
     for stage in sr.STAGES:
       clean = sr.mean_sd(c["stages"][stage]["clean"]["split_auc"])
       biased = sr.mean_sd(c["stages"][stage]["biased"]["split_auc"])
-      rows.append({
-          "combo": name, "stage": stage, "separability_auc_mean": sep[0],
-          "separability_auc_sd": sep[1], "split_auc_clean_mean": clean[0],
-          "split_auc_clean_sd": clean[1], "split_auc_biased_mean": biased[0],
-          "split_auc_biased_sd": biased[1],
-      })
+      rows.append(
+          {
+              "combo": name,
+              "stage": stage,
+              "separability_auc_mean": sep[0],
+              "separability_auc_sd": sep[1],
+              "split_auc_clean_mean": clean[0],
+              "split_auc_clean_sd": clean[1],
+              "split_auc_biased_mean": biased[0],
+              "split_auc_biased_sd": biased[1],
+          }
+      )
   return rows
 
 
@@ -394,10 +464,18 @@ def rate_rows(summary) -> list[dict[str, Any]]:
       for stage in sr.STAGES:
         for g in c["groups"]:
           d, t = per_stage[stage]["delta_f1"][g], per_stage[stage]["mannwhitney_f1"][g]
-          rows.append({
-              "combo": name, "bias_rate": float(rate), "stage": stage, "group": g,
-              "delta_f1": d["mean"], "delta_f1_sd": d["sd"], "p": t["p"], "p_holm": t["p_holm"],
-          })
+          rows.append(
+              {
+                  "combo": name,
+                  "bias_rate": float(rate),
+                  "stage": stage,
+                  "group": g,
+                  "delta_f1": d["mean"],
+                  "delta_f1_sd": d["sd"],
+                  "p": t["p"],
+                  "p_holm": t["p_holm"],
+              }
+          )
   return rows
 
 
@@ -415,8 +493,11 @@ def _combo_findings(name: str, c: dict[str, Any], alpha: float) -> list[str]:
         f"- **Train NC1 early** (epoch {early_nc1['epoch']}, nearest the mean early-stop "
         f"epoch {_num(c['early_stop']['mean'])}): biased {_pm(early_nc1['biased'])} vs clean "
         f"{_pm(early_nc1['clean'])} (Mann-Whitney p = {_p(t['p'])}). Biased models "
-        + ("have higher train NC1 than clean ones" if higher else
-           "do not have higher train NC1 than clean ones, unlike the paper")
+        + (
+            "have higher train NC1 than clean ones"
+            if higher
+            else "do not have higher train NC1 than clean ones, unlike the paper"
+        )
         + (f" (p < {alpha:g})." if _nan(t["p"]) < alpha else " (not significant).")
     )
   first_last = f.get("train_nc1_first_last")
@@ -424,9 +505,13 @@ def _combo_findings(name: str, c: dict[str, Any], alpha: float) -> list[str]:
     falls = {
         g: _nan(first_last[g]["last"]) < _nan(first_last[g]["first"]) for g in ("clean", "biased")
     }
-    verdict = ("falls for both" if all(falls.values()) else "does not fall for both ("
-               + ", ".join(f"{g}: {'falls' if v else 'does not fall'}" for g, v in falls.items())
-               + ")")
+    verdict = (
+        "falls for both"
+        if all(falls.values())
+        else "does not fall for both ("
+        + ", ".join(f"{g}: {'falls' if v else 'does not fall'}" for g, v in falls.items())
+        + ")"
+    )
     out.append(
         f"- **Train NC1 late** (epoch {first_last['first_epoch']} → {first_last['last_epoch']}): "
         f"clean {_num(first_last['clean']['first'])} → {_num(first_last['clean']['last'])}, "
@@ -438,8 +523,10 @@ def _combo_findings(name: str, c: dict[str, Any], alpha: float) -> list[str]:
     e, fin = flipped["early"], flipped["final"]
     if _nan(fin["mean"]) < _nan(e["mean"]):
       verdict = "They drift towards the flipped-class mean" + (
-          " and end on its side (< 0.5)." if _nan(fin["mean"]) < 0.5
-          else ", but most still lie nearer the true class.")
+          " and end on its side (< 0.5)."
+          if _nan(fin["mean"]) < 0.5
+          else ", but most still lie nearer the true class."
+      )
     else:
       verdict = "They do not drift towards the flipped-class mean."
     out.append(
@@ -452,8 +539,13 @@ def _combo_findings(name: str, c: dict[str, Any], alpha: float) -> list[str]:
   for g in c["groups"]:
     d, t = final["delta_f1"][g], final["mannwhitney_f1"][g]
     lower, sig = _nan(d["mean"]) < 0, _nan(t["p"]) < alpha
-    verdict = ("lower, significantly" if lower and sig else
-               "lower, but not significantly" if lower else "not lower")
+    verdict = (
+        "lower, significantly"
+        if lower and sig
+        else "lower, but not significantly"
+        if lower
+        else "not lower"
+    )
     out.append(
         f"- **Group-{g[1:]} F1, final stage**: biased {_num(d['biased_mean'])} ± "
         f"{_num(d['biased_sd'])} vs clean {_num(d['clean_mean'])} ± {_num(d['clean_sd'])} "
@@ -487,8 +579,10 @@ def _min_p(summary) -> float:
 def _tau_line(label: str, t: dict[str, Any]) -> str:
   if t["tau"] is None:
     return f"- {label}: not computed ({t['reason']})."
-  return (f"- {label}: τ = {_num(t['tau'])}, p = {_p(t['p'])} "
-          f"(n = {t['n']} combinations, {t['method']}).")
+  return (
+      f"- {label}: τ = {_num(t['tau'])}, p = {_p(t['p'])} "
+      f"(n = {t['n']} combinations, {t['method']})."
+  )
 
 
 def _md_table(rows: list[dict[str, Any]], cols: Sequence[str]) -> list[str]:
@@ -519,19 +613,24 @@ def _markdown(summary, figures: dict[str, str | None], tables: dict[str, str]) -
     lines += [
         f"**Caution:** with {len(first['seeds'])} seeds per side the smallest p-value the "
         f"Mann-Whitney test can reach is {_p(min_p)}, so no difference can be significant "
-        f"at {summary['alpha']:g}; run more seeds.", "",
+        f"at {summary['alpha']:g}; run more seeds.",
+        "",
     ]
   if summary.get("skipped"):
     lines += [f"Not evaluated yet, left out: {', '.join(summary['skipped'])}.", ""]
   missing = [n for n, c in combos.items() if not c["separability_auc"]]
   if missing:
-    lines += [f"No separability run for {', '.join(missing)}: left out of Fig. 3 and Kendall's τ.",
-              ""]
+    lines += [
+        f"No separability run for {', '.join(missing)}: left out of Fig. 3 and Kendall's τ.",
+        "",
+    ]
   lines += ["## Findings", ""]
   for name, c in combos.items():
     lines += _combo_findings(name, c, summary["alpha"])
-  lines += ["**Kendall's τ** between mean separability AUC and mean SPLIT AUC across "
-            "combinations:", ""]
+  lines += [
+      "**Kendall's τ** between mean separability AUC and mean SPLIT AUC across combinations:",
+      "",
+  ]
   for stage in sr.STAGES:
     lines.append(_tau_line(f"{stage} stage, biased models", summary["kendall_tau"][stage]))
     lines.append(_tau_line(f"{stage} stage, clean models", summary["kendall_tau_clean"][stage]))
@@ -542,24 +641,51 @@ def _markdown(summary, figures: dict[str, str | None], tables: dict[str, str]) -
     if path:
       lines.extend([f"## {title}", "", f"![{title}]({os.path.basename(path)})", "", caption, ""])
 
-  fig("fig2", "Fig. 2: train NC1 per epoch",
+  fig(
+      "fig2",
+      "Fig. 2: train NC1 per epoch",
       "Biased (solid orange) vs clean (dashed blue), mean ± sd over seeds; log y axis; "
-      "dotted: mean early-stop epoch.")
-  fig("fig1", "Fig. 1 analogue: flipped samples per epoch",
+      "dotted: mean early-stop epoch.",
+  )
+  fig(
+      "fig1",
+      "Fig. 1 analogue: flipped samples per epoch",
       "Fraction of the flipped (mislabelled) train samples whose feature is nearer their true "
       "class mean than their (flipped) training label's; below 0.5 most sit with the flipped "
-      "class.")
-  fig("fig3", "Fig. 3: SPLIT vs subgroup separability",
+      "class.",
+  )
+  fig(
+      "fig3",
+      "Fig. 3: SPLIT vs subgroup separability",
       "Attribute information in the disease models' features (SPLIT) against that in the "
-      "images (separability); points on y = x keep all of it. Error bars: sd over seeds.")
-  fig("fig4", "Fig. 4: test NC1 and F1 deltas",
+      "images (separability); points on y = x keep all of it. Error bars: sd over seeds.",
+  )
+  fig(
+      "fig4",
+      "Fig. 4: test NC1 and F1 deltas",
       "Biased − clean per group. Positive ΔNC1: worse test collapse; negative ΔF1: the biased "
-      "model is worse. Raw and Holm-adjusted p-values below and in `table_fairness.csv`.")
-  lines += _md_table(fairness_rows(summary),
-                     ("combo", "stage", "group", "f1_clean_mean", "f1_biased_mean",
-                      "delta_f1", "p", "p_holm", "delta_nc1_test"))
-  fig("rate", "Δ F1 against bias rate", "Early (dashed) and final (solid) stage; Holm over "
-      "combos x groups x rates per stage in `table_by_rate.csv`.")
+      "model is worse. Raw and Holm-adjusted p-values below and in `table_fairness.csv`.",
+  )
+  lines += _md_table(
+      fairness_rows(summary),
+      (
+          "combo",
+          "stage",
+          "group",
+          "f1_clean_mean",
+          "f1_biased_mean",
+          "delta_f1",
+          "p",
+          "p_holm",
+          "delta_nc1_test",
+      ),
+  )
+  fig(
+      "rate",
+      "Δ F1 against bias rate",
+      "Early (dashed) and final (solid) stage; Holm over "
+      "combos x groups x rates per stage in `table_by_rate.csv`.",
+  )
   lines += ["## Appendix: NC2-4 and validation/test NC1", ""]
   for split, key, _, label, _ in CURVE_FIGURES[1:]:
     path = figures.get(f"{split}/{key}")

@@ -79,7 +79,10 @@ class Bottleneck(nn.Module):
     y = norm(name="bn3")(y)
     if residual.shape != y.shape:
       residual = _conv(
-          self.features * self.expansion, 1, self.stride, dtype=self.dtype,
+          self.features * self.expansion,
+          1,
+          self.stride,
+          dtype=self.dtype,
           name="downsample_conv",
       )(x)
       residual = norm(name="downsample_bn")(residual)
@@ -113,9 +116,9 @@ class ResNet(nn.Module):
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        x = block_cls(
-            self.width * 2**i, stride, dtype=self.dtype, name=f"layer{i + 1}_{j}"
-        )(x, train)
+        x = block_cls(self.width * 2**i, stride, dtype=self.dtype, name=f"layer{i + 1}_{j}")(
+            x, train
+        )
       feats[f"stage{i + 1}"] = x
     x = jnp.mean(x, axis=(1, 2))
     # Features and logits in float32 whatever the compute dtype: the NC

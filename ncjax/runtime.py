@@ -100,9 +100,7 @@ def initialize_distributed(
   """
   if coordinator_address:
     if num_processes is None or process_id is None:
-      raise ValueError(
-          "--coordinator_address needs --num_processes and --process_id too"
-      )
+      raise ValueError("--coordinator_address needs --num_processes and --process_id too")
     if not 0 <= process_id < num_processes:
       raise ValueError(f"--process_id {process_id} is not in [0, {num_processes})")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -40,22 +40,17 @@ class SplitResult:
   n_iter: int
 
 
-def _check(
-    name: str, features: ArrayLike, attribute: ArrayLike
-) -> tuple[np.ndarray, np.ndarray]:
+def _check(name: str, features: ArrayLike, attribute: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
   features = np.asarray(features, np.float64)
   attribute = np.asarray(attribute)
   if features.ndim != 2:
     raise ValueError(f"{name} features must be N x D, got {features.shape}")
   if attribute.shape != (features.shape[0],):
     raise ValueError(
-        f"{name} attribute has shape {attribute.shape}, expected "
-        f"({features.shape[0]},)"
+        f"{name} attribute has shape {attribute.shape}, expected ({features.shape[0]},)"
     )
   if not np.isin(attribute, (0, 1)).all():
-    raise ValueError(
-        f"{name} attribute must be 0/1, got values {np.unique(attribute)}"
-    )
+    raise ValueError(f"{name} attribute must be 0/1, got values {np.unique(attribute)}")
   if not np.isfinite(features).all():
     raise ValueError(f"{name} features contain NaN or infinite values")
   return features, attribute.astype(np.int64)
@@ -92,9 +87,7 @@ def split_probe(
   x_train, a_train = _check("train", train_features, train_attribute)
   x_test, a_test = _check("test", test_features, test_attribute)
   if x_train.shape[1] != x_test.shape[1]:
-    raise ValueError(
-        f"train features have {x_train.shape[1]} dims, test {x_test.shape[1]}"
-    )
+    raise ValueError(f"train features have {x_train.shape[1]} dims, test {x_test.shape[1]}")
   present = np.unique(a_train)
   if present.size < 2:
     raise DataError(
@@ -114,9 +107,7 @@ def split_probe(
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", skexceptions.ConvergenceWarning)
     probe.fit(scaler.transform(x_train), a_train)
-  converged = not any(
-      issubclass(w.category, skexceptions.ConvergenceWarning) for w in caught
-  )
+  converged = not any(issubclass(w.category, skexceptions.ConvergenceWarning) for w in caught)
   # Re-emit anything that was not the expected convergence warning.
   for w in caught:
     if not issubclass(w.category, skexceptions.ConvergenceWarning):

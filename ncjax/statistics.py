@@ -145,9 +145,7 @@ def mann_whitney(
   c = _finite("clean", clean)
   n = (int(b.size), int(c.size))
   if not b.size or not c.size:
-    return TestResult(
-        math.nan, math.nan, "", n, "a sample has no non-NaN value"
-    )
+    return TestResult(math.nan, math.nan, "", n, "a sample has no non-NaN value")
   if method == "auto":
     pooled = np.concatenate([b, c])
     method = mwu_method(b.size, c.size, np.unique(pooled).size < pooled.size)
@@ -219,9 +217,7 @@ def kendall_tau(x: ArrayLike, y: ArrayLike) -> TestResult:
   x, y = x[keep], y[keep]
   n = (int(x.size),)
   if x.size < 3:
-    return TestResult(
-        math.nan, math.nan, "", n, f"{x.size} complete pairs; need at least 3"
-    )
+    return TestResult(math.nan, math.nan, "", n, f"{x.size} complete pairs; need at least 3")
   if np.unique(x).size == 1 or np.unique(y).size == 1:
     return TestResult(math.nan, math.nan, "", n, "constant input")
   result = stats.kendalltau(x, y)

@@ -238,6 +238,7 @@ _END = object()
 
 
 class _Failure:
+
   def __init__(self, error: BaseException):
     self.error = error
 
@@ -393,9 +394,7 @@ class StreamingSplit:
   def _check_batch_size(self, num_rows: int | None) -> None:
     b, processes = self.batch_size, self.process_count
     if b < 1 or b % processes:
-      raise ConfigError(
-          f"batch_size {b} must be a positive multiple of the {processes} processes"
-      )
+      raise ConfigError(f"batch_size {b} must be a positive multiple of the {processes} processes")
     if self.sharding is not None and processes > 1 and jax.process_count() > 1:
       _check_process_rows(self.sharding, b, processes)
     if num_rows is not None and b > num_rows and self.drop_remainder:

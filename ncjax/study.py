@@ -35,9 +35,7 @@ from ncjax import evaluate, input_pipeline, metric_writers, runtime, train
 from ncjax import workdir as workdir_lib
 from ncjax.errors import ConfigError, NcjaxError
 
-_CONFIG_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"
-)
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 class StudyError(NcjaxError):
@@ -113,9 +111,7 @@ def run(config, workdir: str, overrides: dict[str, Any] | None = None) -> dict[s
   jobs = []
   for dataset, attribute in pairs:
     name = combo_name(dataset, attribute)
-    jobs.append(
-        (os.path.join(workdir, "combos", name), disease_config(config, dataset, attribute))
-    )
+    jobs.append((os.path.join(workdir, "combos", name), disease_config(config, dataset, attribute)))
     if config.study.separability:
       jobs.append((
           os.path.join(workdir, "separability", name),

@@ -58,10 +58,26 @@ SPLITS = ("train", "validation", "test")
 # Per-epoch metrics whose curves the summary keeps (all others stay in the
 # workdirs): the NC1-4 family, per-group NC1, losses and the Fig. 1 metric.
 CURVE_KEYS = (
-    "loss", "batch_loss", "accuracy", "accuracy/g0", "accuracy/g1",
-    "nc1", "nc1_trace", "nc1_cdnv", "nc1_dist", "nc1/g0", "nc1/g1",
-    "nc1_dist/g0", "nc1_dist/g1", "nc2_equinorm_w", "nc2_equiangular_w",
-    "nc2_maxangle_w", "nc2_etf_w", "nc3", "nc4", "flipped_near_true",
+    "loss",
+    "batch_loss",
+    "accuracy",
+    "accuracy/g0",
+    "accuracy/g1",
+    "nc1",
+    "nc1_trace",
+    "nc1_cdnv",
+    "nc1_dist",
+    "nc1/g0",
+    "nc1/g1",
+    "nc1_dist/g0",
+    "nc1_dist/g1",
+    "nc2_equinorm_w",
+    "nc2_equiangular_w",
+    "nc2_maxangle_w",
+    "nc2_etf_w",
+    "nc3",
+    "nc4",
+    "flipped_near_true",
 )
 
 
@@ -143,8 +159,12 @@ def _stage_block(rows, seeds, groups) -> dict[str, Any]:
 def _mwu(biased, clean, alternative) -> dict[str, Any]:
   r = statistics.mann_whitney(biased, clean, alternative=alternative)
   return {
-      "p": r.pvalue, "p_holm": math.nan, "u": r.statistic, "method": r.method,
-      "n": list(r.n), "reason": r.reason,
+      "p": r.pvalue,
+      "p_holm": math.nan,
+      "u": r.statistic,
+      "method": r.method,
+      "n": list(r.n),
+      "reason": r.reason,
   }
 
 
@@ -157,9 +177,7 @@ def _compare(clean, biased, groups, alternative) -> dict[str, Any]:
   return {
       "mannwhitney_f1": {g: _mwu(biased["f1"][g], clean["f1"][g], alternative) for g in groups},
       "delta_f1": {g: _delta(biased["f1"][g], clean["f1"][g]) for g in groups},
-      "delta_nc1_test": {
-          g: _delta(biased["nc1_test"][g], clean["nc1_test"][g]) for g in groups
-      },
+      "delta_nc1_test": {g: _delta(biased["nc1_test"][g], clean["nc1_test"][g]) for g in groups},
   }
 
 
@@ -167,7 +185,9 @@ def _compare(clean, biased, groups, alternative) -> dict[str, Any]:
 
 
 def _curves(
-    records, rate_of_group: dict[str, float], rates: Sequence[float],
+    records,
+    rate_of_group: dict[str, float],
+    rates: Sequence[float],
     keys: Sequence[str] = CURVE_KEYS,
 ) -> dict[str, Any]:
   """Mean and sd over seeds per epoch, per split, key and bias group.
@@ -185,7 +205,8 @@ def _curves(
     per_split = {}
     for key in keys:
       epochs = [
-          e for e in all_epochs
+          e
+          for e in all_epochs
           if any(r.get(key) is not None for rate in rates for r in cells.get((split, e, rate), ()))
       ]
       if not epochs:
@@ -210,7 +231,8 @@ def _curves(
 
 def _value_at(records, split, key, epoch, rate, seeds) -> list[float]:
   rows = {
-      r["seed"]: r for r in records
+      r["seed"]: r
+      for r in records
       if r["split"] == split and r["epoch"] == epoch and r["bias_rate"] == rate
   }
   return _per_seed(rows, seeds, key)
@@ -236,14 +258,17 @@ def _findings(records, curves, early_stop, seeds, main_rate, alternative) -> dic
     clean = _value_at(records, "train", "nc1", epoch, 0.0, seeds)
     biased = _value_at(records, "train", "nc1", epoch, main_rate, seeds)
     out["train_nc1_at_early_stop"] = {
-        "epoch": epoch, "clean": clean, "biased": biased,
-        "delta": _delta(biased, clean), "mannwhitney": _mwu(biased, clean, alternative),
+        "epoch": epoch,
+        "clean": clean,
+        "biased": biased,
+        "delta": _delta(biased, clean),
+        "mannwhitney": _mwu(biased, clean, alternative),
     }
     out["train_nc1_first_last"] = {
-        "first_epoch": nc1["epochs"][0], "last_epoch": nc1["epochs"][-1],
+        "first_epoch": nc1["epochs"][0],
+        "last_epoch": nc1["epochs"][-1],
         **{
-            g: {"first": nc1[g]["mean"][0], "last": nc1[g]["mean"][-1]}
-            for g in ("clean", "biased")
+            g: {"first": nc1[g]["mean"][0], "last": nc1[g]["mean"][-1]} for g in ("clean", "biased")
         },
     }
   flipped = curves.get("train", {}).get("flipped_near_true")
@@ -253,7 +278,8 @@ def _findings(records, curves, early_stop, seeds, main_rate, alternative) -> dic
     last = flipped["epochs"][-1]
     at_last = _value_at(records, "train", "flipped_near_true", last, main_rate, seeds)
     out["flipped_near_true"] = {
-        "early_epoch": epoch, "final_epoch": last,
+        "early_epoch": epoch,
+        "final_epoch": last,
         "early": _mean_sd_dict(at_early),
         "final": _mean_sd_dict(at_last),
     }
@@ -274,7 +300,10 @@ def _separability(study_dir: str, name: str) -> list[float]:
 
 
 def summarize_combo(
-    study_dir: str, name: str, *, alternative: statistics.Alternative = "two-sided",
+    study_dir: str,
+    name: str,
+    *,
+    alternative: statistics.Alternative = "two-sided",
     main_rate: float | None = None,
 ) -> dict[str, Any]:
   """One combination's entry of the summary (p_holm still NaN)."""
@@ -310,8 +339,11 @@ def summarize_combo(
 
   best = _read_json(os.path.join(workdir, "train_summary.json")).get("members", {})
   best_rows = {
-      rate: {r["seed"]: {"e": best.get(r["member"], {}).get("best_epoch")}
-             for r in evals if r["bias_rate"] == rate}
+      rate: {
+          r["seed"]: {"e": best.get(r["member"], {}).get("best_epoch")}
+          for r in evals
+          if r["bias_rate"] == rate
+      }
       for rate in (0.0, main)
   }
   early_stop = {
@@ -355,14 +387,23 @@ def _kendall(combos: dict[str, Any], stage: str, side: str) -> dict[str, Any]:
     y.append(mean_sd(c["stages"][stage][side]["split_auc"])[0])
   r = statistics.kendall_tau(x, y)
   return {
-      "tau": r.statistic, "p": r.pvalue, "n": r.n[0], "method": r.method,
-      "reason": r.reason, "combos": names, "separability": x, "split": y,
+      "tau": r.statistic,
+      "p": r.pvalue,
+      "n": r.n[0],
+      "method": r.method,
+      "reason": r.reason,
+      "combos": names,
+      "separability": x,
+      "split": y,
   }
 
 
 def summarize(
-    study_dir: str, *, alternative: statistics.Alternative = "two-sided",
-    alpha: float = 0.05, main_rate: float | None = None,
+    study_dir: str,
+    *,
+    alternative: statistics.Alternative = "two-sided",
+    alpha: float = 0.05,
+    main_rate: float | None = None,
 ) -> dict[str, Any]:
   """Everything the report needs from a study directory; see the module doc.
 
@@ -386,15 +427,18 @@ def summarize(
   if not names:
     raise FileNotFoundError(f"no evaluated combinations under {root} (skipped: {skipped})")
   combos = {
-      n: summarize_combo(study_dir, n, alternative=alternative, main_rate=main_rate)
-      for n in names
+      n: summarize_combo(study_dir, n, alternative=alternative, main_rate=main_rate) for n in names
   }
   for stage in STAGES:
     _holm_fill([t for c in combos.values() for t in c["stages"][stage]["mannwhitney_f1"].values()])
-    _holm_fill([
-        t for c in combos.values() for r in c["by_rate"].values()
-        for t in r[stage]["mannwhitney_f1"].values()
-    ])
+    _holm_fill(
+        [
+            t
+            for c in combos.values()
+            for r in c["by_rate"].values()
+            for t in r[stage]["mannwhitney_f1"].values()
+        ]
+    )
   summary = {
       "study_dir": os.path.abspath(study_dir),
       "alternative": alternative,

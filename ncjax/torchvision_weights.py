@@ -253,7 +253,8 @@ def convert_to(
       used.add(key)
       filled[collection][path] = value.astype(np.float32)
   unused = sorted(
-      k for k in state
+      k
+      for k in state
       if k not in used
       and not k.endswith(_IGNORED_SUFFIX)
       and not (head is not None and k.split(".")[0] == "fc")
@@ -323,7 +324,10 @@ def _describe(model: resnet.ResNet) -> str:
   for name in resnet.MODELS:
     ref = resnet.create(name)
     if (tuple(ref.stage_sizes), ref.block, ref.width, ref.stem) == (
-        tuple(model.stage_sizes), model.block, model.width, model.stem
+        tuple(model.stage_sizes),
+        model.block,
+        model.width,
+        model.stem,
     ):
       return name
   return (

@@ -49,14 +49,14 @@ import optax
 
 from ncjax import bias as bias_lib
 from ncjax import (
-  checkpoints,
-  datasets,
-  input_pipeline,
-  metric_writers,
-  neural_collapse,
-  resnet,
-  runtime,
-  streaming,
+    checkpoints,
+    datasets,
+    input_pipeline,
+    metric_writers,
+    neural_collapse,
+    resnet,
+    runtime,
+    streaming,
 )
 from ncjax import members as members_lib
 from ncjax import workdir as workdir_lib
@@ -75,9 +75,7 @@ class NonFiniteError(NcjaxError):
 
 def create_model(config) -> resnet.ResNet:
   if config.model.dtype not in DTYPES:
-    raise ConfigError(
-        f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}"
-    )
+    raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
   if config.model.name not in resnet.MODELS:
     raise ConfigError(
         f"model.name must be one of {list(resnet.MODELS)}, got {config.model.name!r}"
@@ -98,9 +96,7 @@ def create_optimizer(config) -> optax.GradientTransformation:
   if opt.name == "adam":
     if opt.weight_decay:
       # Adam with L2 in the loss gradient, as torch.optim.Adam(weight_decay).
-      return optax.chain(
-          optax.add_decayed_weights(opt.weight_decay), optax.adam(opt.learning_rate)
-      )
+      return optax.chain(optax.add_decayed_weights(opt.weight_decay), optax.adam(opt.learning_rate))
     return optax.adam(opt.learning_rate)
   if opt.name == "adamw":
     return optax.adamw(opt.learning_rate, weight_decay=opt.weight_decay)
@@ -218,9 +214,7 @@ def checkpoint_bytes(config, image_shape, num_members: int) -> int:
 
 def make_mesh() -> jax.sharding.Mesh:
   # Auto axes: a vmapped conv ensemble on Explicit axes fails to shard.
-  return jax.make_mesh(
-      (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-  )
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def epoch_permutation(
@@ -307,9 +301,7 @@ def update_step(
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, (logits, mutated["batch_stats"])
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params
-  )
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(
       step=state.step + 1,
@@ -437,22 +429,16 @@ def validate(config, num_train: int) -> None:
     raise ConfigError(f"epochs must be >= 1, got {config.epochs}")
   if config.batch_size > num_train:
     raise ConfigError(
-        f"batch_size {config.batch_size} is larger than the train split "
-        f"({num_train} examples)"
+        f"batch_size {config.batch_size} is larger than the train split ({num_train} examples)"
     )
   if config.batch_size % n_dev:
-    raise ConfigError(
-        f"batch_size {config.batch_size} is not divisible by the {n_dev} devices"
-    )
+    raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {n_dev} devices")
   if config.eval_batch_size % n_dev:
     raise ConfigError(
-        f"eval_batch_size {config.eval_batch_size} is not divisible by the "
-        f"{n_dev} devices"
+        f"eval_batch_size {config.eval_batch_size} is not divisible by the {n_dev} devices"
     )
   if config.early_stopping.patience < 1:
-    raise ConfigError(
-        f"early_stopping.patience must be >= 1, got {config.early_stopping.patience}"
-    )
+    raise ConfigError(f"early_stopping.patience must be >= 1, got {config.early_stopping.patience}")
   if config.members.per_step < 0:
     raise ConfigError(f"members.per_step must be >= 0 (0 = all), got {config.members.per_step}")
   if config.nc.every < 1 or config.checkpoint.every < 1:
@@ -516,9 +502,7 @@ def train_and_evaluate(
     splits = input_pipeline.load(config)
     image_shape = splits["train"].images.shape[1:]
   else:
-    splits = {
-        k: input_pipeline.host_split(config, s.columns, s.ids) for k, s in streams.items()
-    }
+    splits = {k: input_pipeline.host_split(config, s.columns, s.ids) for k, s in streams.items()}
     image_shape = tuple(streams["train"].features["image"].shape)
   num_train = len(splits["train"])
   validate(config, num_train)
@@ -541,8 +525,7 @@ def train_and_evaluate(
   for m in members:
     per_split = input_pipeline.member_labels(splits, m, config)
     labels[m.name] = {
-        k: input_pipeline.labels_to_device(y, chunk, replicated)
-        for k, (y, _) in per_split.items()
+        k: input_pipeline.labels_to_device(y, chunk, replicated) for k, (y, _) in per_split.items()
     }
     flipped[m.name] = {k: mask for k, (_, mask) in per_split.items()}
   _write_run_info(workdir, config, members, splits, flipped, image_shape, num_groups)
@@ -559,9 +542,7 @@ def train_and_evaluate(
       preprocess=train_preprocess,
       batch_sharding=batch_sharding,
   )
-  perm = functools.partial(
-      epoch_permutation, steps_per_epoch=steps_per_epoch, num_train=num_train
-  )
+  perm = functools.partial(epoch_permutation, steps_per_epoch=steps_per_epoch, num_train=num_train)
   if streams is not None:  # loop only (`_check_input`)
     step_fn = jax.jit(
         functools.partial(
@@ -638,9 +619,7 @@ def train_and_evaluate(
   writer = metric_writers.MetricWriter(workdir)
   start_epoch = 0
   if last is not None:
-    restored, meta = latest.restore(
-        last, {"states": states, "early": early_vars}
-    )
+    restored, meta = latest.restore(last, {"states": states, "early": early_vars})
     states, early_vars = restored["states"], restored["early"]
     early = {k: EarlyStopping(**v) for k, v in meta["early_stopping"].items()}
     start_epoch = int(meta["epoch"])
@@ -673,8 +652,15 @@ def train_and_evaluate(
       records = []
       for m in members:
         records += _evaluate_member(
-            m, epoch, states[m.name].variables, splits_now, labels[m.name], predict, metrics_fn,
-            (nc_fn, means_fn, flipped_dev[m.name]) if with_nc else None, timings,
+            m,
+            epoch,
+            states[m.name].variables,
+            splits_now,
+            labels[m.name],
+            predict,
+            metrics_fn,
+            (nc_fn, means_fn, flipped_dev[m.name]) if with_nc else None,
+            timings,
         )
       if not with_nc:  # the training loss is logged every epoch all the same
         records += [
@@ -715,10 +701,7 @@ def train_and_evaluate(
   # ---- stages
   checkpoints.save_stages(
       workdir,
-      {
-          m.name: {"early": early_vars[m.name], "final": states[m.name].variables}
-          for m in members
-      },
+      {m.name: {"early": early_vars[m.name], "final": states[m.name].variables} for m in members},
   )
   summary = {
       "members": {m.name: _es_dict(early[m.name]) for m in members},
@@ -775,8 +758,14 @@ def _train_epoch(
   for i in range(0, len(names), per_step or len(names)):
     chunk = names[i : i + (per_step or len(names))]
     s, m = _train_epoch_vmap(
-        step_fn, perm_fn, {n: states[n] for n in chunk}, data_keys, aug_keys, labels,
-        images, steps,
+        step_fn,
+        perm_fn,
+        {n: states[n] for n in chunk},
+        data_keys,
+        aug_keys,
+        labels,
+        images,
+        steps,
     )
     out_states.update(s)
     out_metrics.update(m)
@@ -872,9 +861,7 @@ def _evaluate_member(member, epoch, variables, dev, labels, predict, metrics_fn,
       # Flips are only measured on train (validation has flips too, but the
       # paper's Fig. 1 follows the samples the model is fitted to).
       mask = flipped["train"] if split == "train" else jnp.zeros_like(valid)
-      results[split].update(
-          nc_fn(feats, labels[split], d.groups, valid, w, b, centers, mask)
-      )
+      results[split].update(nc_fn(feats, labels[split], d.groups, valid, w, b, centers, mask))
     jax.block_until_ready(results)
     timings["nc"] += time.perf_counter() - t0
   results = jax.device_get(results)
@@ -955,9 +942,7 @@ def _write_run_info(workdir, config, members, splits, flipped, image_shape, num_
     with open(os.path.join(workdir, "bias", f"{m.name}.json"), "w") as f:
       json.dump({"seed": m.seed, "bias_rate": m.bias_rate, "flipped_ids": ids}, f)
   info = {
-      "members": [
-          {"name": m.name, "seed": m.seed, "bias_rate": m.bias_rate} for m in members
-      ],
+      "members": [{"name": m.name, "seed": m.seed, "bias_rate": m.bias_rate} for m in members],
       "image_shape": list(image_shape),
       "num_groups": num_groups,
       "split_sizes": {k: len(s) for k, s in splits.items()},

@@ -33,9 +33,17 @@ TRAIN_SUMMARY_FILE = "train_summary.json"  # the last file train_and_evaluate wr
 # may resume with another). `input.*`: resident and streamed splits feed the
 # same batches in the same order.
 _RUNTIME_FIELDS = (
-    "dataset.data_dir", "progress", "members.strategy", "members.per_step", "checkpoint.every",
-    "study.workers", "compilation_cache_dir", "xla_flags",
-    "input.streaming", "input.threads", "input.prefetch",
+    "dataset.data_dir",
+    "progress",
+    "members.strategy",
+    "members.per_step",
+    "checkpoint.every",
+    "study.workers",
+    "compilation_cache_dir",
+    "xla_flags",
+    "input.streaming",
+    "input.threads",
+    "input.prefetch",
 )
 
 
@@ -85,8 +93,7 @@ def check_config(workdir: str, config) -> bool:
     old = _flatten(json.load(f)["config"])
   new = _flatten(config_to_dict(config))
   diff = sorted(
-      k for k in old.keys() | new.keys()
-      if k not in _RUNTIME_FIELDS and old.get(k) != new.get(k)
+      k for k in old.keys() | new.keys() if k not in _RUNTIME_FIELDS and old.get(k) != new.get(k)
   )
   if diff:
     shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])

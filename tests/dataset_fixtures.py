@@ -86,17 +86,17 @@ def write_papila(root: str, num_patients: int = 20, seed: int = 0) -> pd.DataFra
   """PAPILA under `root`; returns the patients (OD file order) as written."""
   rng = np.random.default_rng(seed)
   numbers = rng.choice(np.arange(1, 300), num_patients, replace=False)
-  patients = pd.DataFrame({
-      "ID": [f"#{n:03d}" for n in numbers],  # file order, not sorted
-      "Age": rng.choice([23, 45, 59, 60, 61, 75, 88], num_patients),
-      "Gender": rng.integers(0, 2, num_patients),
-      "Diagnosis_OD": rng.choice([0, 1, 2], num_patients, p=[0.6, 0.25, 0.15]),
-      "Diagnosis_OS": rng.choice([0, 1, 2], num_patients, p=[0.6, 0.25, 0.15]),
-  })
-  os.makedirs(os.path.join(root, "ClinicalData"), exist_ok=True)
-  write_papila_table(
-      os.path.join(root, "ClinicalData", "patient_data_od.xlsx"), patients, "OD"
+  patients = pd.DataFrame(
+      {
+          "ID": [f"#{n:03d}" for n in numbers],  # file order, not sorted
+          "Age": rng.choice([23, 45, 59, 60, 61, 75, 88], num_patients),
+          "Gender": rng.integers(0, 2, num_patients),
+          "Diagnosis_OD": rng.choice([0, 1, 2], num_patients, p=[0.6, 0.25, 0.15]),
+          "Diagnosis_OS": rng.choice([0, 1, 2], num_patients, p=[0.6, 0.25, 0.15]),
+      }
   )
+  os.makedirs(os.path.join(root, "ClinicalData"), exist_ok=True)
+  write_papila_table(os.path.join(root, "ClinicalData", "patient_data_od.xlsx"), patients, "OD")
   # The OS file lists the patients in another order: rows align by id.
   write_papila_table(
       os.path.join(root, "ClinicalData", "patient_data_os.xlsx"),
@@ -190,15 +190,17 @@ def write_chexpert(
     _write_image(root, path, size, gray=True)
 
   patients = [f"patient{p:05d}" for p in range(1, num_patients + 1)]
-  demo = pd.DataFrame({
-      "PATIENT": patients,
-      "GENDER": "Male",  # deliberately not train.csv's: the builder ignores it
-      "AGE_AT_CXR": 50,
-      "PRIMARY_RACE": [_RACES[i % len(_RACES)] for i in range(num_patients)],
-      "ETHNICITY": [
-          _ETHNICITIES[(i // 2) % len(_ETHNICITIES)] for i in range(num_patients)
-      ],
-  }).drop(index=[5])  # one patient without demographics
+  demo = pd.DataFrame(
+      {
+          "PATIENT": patients,
+          "GENDER": "Male",  # deliberately not train.csv's: the builder ignores it
+          "AGE_AT_CXR": 50,
+          "PRIMARY_RACE": [_RACES[i % len(_RACES)] for i in range(num_patients)],
+          "ETHNICITY": [_ETHNICITIES[(i // 2) % len(_ETHNICITIES)] for i in range(num_patients)],
+      }
+  ).drop(
+      index=[5]
+  )  # one patient without demographics
   demo.to_excel(os.path.join(root, "CHEXPERT DEMO.xlsx"), index=False)
 
   # Split by patient, 60/10/30; some rows get no split.
@@ -206,10 +208,12 @@ def write_chexpert(
       ["train"] * 6 + ["validate"] + ["test"] * 3, num_patients
   ), strict=True))  # fmt: skip
   chosen = [i for i in range(len(train)) if i % 9 != 4]
-  split = pd.DataFrame({
-      "index": chosen,
-      "split": [split_of[train["Path"][i].split("/")[2]] for i in chosen],
-  }).sample(frac=1.0, random_state=0)
+  split = pd.DataFrame(
+      {
+          "index": chosen,
+          "split": [split_of[train["Path"][i].split("/")[2]] for i in chosen],
+      }
+  ).sample(frac=1.0, random_state=0)
   split = split.reset_index(drop=True)
   split.to_csv(os.path.join(root, "chexpert_split_2021_08_20.csv"))
   return train, demo, split

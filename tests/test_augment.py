@@ -30,8 +30,9 @@ def _images(shape, seed=0, smooth=False):
 
 
 def _params(n, top, left, h, w, angle):
-  return augment.AugParams(*(np.full((n,), v) for v in (top, left, h, w)),
-                           np.full((n,), angle, np.float32))
+  return augment.AugParams(
+      *(np.full((n,), v) for v in (top, left, h, w)), np.full((n,), angle, np.float32)
+  )
 
 
 def _torch_bilinear(img, out_h, out_w):
@@ -50,32 +51,38 @@ def _torch_bilinear(img, out_h, out_w):
   x0, x1, wx = taps(w, out_w)
   img = img.astype(np.float64)
   rows = img[y0] * (1 - wy)[:, None, None] + img[y1] * wy[:, None, None]
-  return (rows[:, x0] * (1 - wx)[None, :, None] +
-          rows[:, x1] * wx[None, :, None])
+  return rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
 
 
 def test_identity_parameters_are_plain_normalisation():
   x = _images((3, 20, 20, 3))
-  out = augment.train_transform(jnp.asarray(x), jax.random.key(0), out_size=20,
-                                scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                                degrees=0.0)
+  out = augment.train_transform(
+      jnp.asarray(x),
+      jax.random.key(0),
+      out_size=20,
+      scale=(1.0, 1.0),
+      ratio=(1.0, 1.0),
+      degrees=0.0,
+  )
   expected = (x / 255.0 - MEAN) / STD
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, rtol=0)
-  np.testing.assert_allclose(np.asarray(augment.normalize(jnp.asarray(x))),
-                             expected, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+      np.asarray(augment.normalize(jnp.asarray(x))), expected, atol=1e-5, rtol=0
+  )
 
 
 @pytest.mark.parametrize("angle", [9.0, -13.7])
 def test_rotation_matches_scipy_on_interior(angle):
   size = 33
   x = _images((1, size, size, 3), seed=1, smooth=True)
-  out = augment.apply_params(jnp.asarray(x), _params(1, 0, 0, size, size,
-                                                     angle),
-                             out_size=size, mean=0.0, std=1.0)
+  out = augment.apply_params(
+      jnp.asarray(x), _params(1, 0, 0, size, size, angle), out_size=size, mean=0.0, std=1.0
+  )
   out = np.asarray(out)[0] * 255
   # scipy's positive angle is counter-clockwise as displayed, as torchvision's.
-  ref = scipy.ndimage.rotate(x[0].astype(np.float64), angle, axes=(1, 0),
-                             order=1, reshape=False, mode="constant")
+  ref = scipy.ndimage.rotate(
+      x[0].astype(np.float64), angle, axes=(1, 0), order=1, reshape=False, mode="constant"
+  )
   c = (size - 1) / 2
   yy, xx = np.mgrid[:size, :size]
   interior = np.hypot(yy - c, xx - c) < c - 1.5
@@ -89,16 +96,15 @@ def test_rotation_matches_scipy_on_interior(angle):
 
 def test_rotation_by_90_is_rot90_and_fill_is_zero():
   x = _images((1, 15, 15, 1), seed=2)
-  out = augment.apply_params(jnp.asarray(x), _params(1, 0, 0, 15, 15, 90.0),
-                             out_size=15, mean=0.0, std=1.0)
+  out = augment.apply_params(
+      jnp.asarray(x), _params(1, 0, 0, 15, 15, 90.0), out_size=15, mean=0.0, std=1.0
+  )
   # np.rot90 turns counter-clockwise as displayed, torchvision's convention.
-  np.testing.assert_allclose(np.asarray(out)[0] * 255, np.rot90(x[0]),
-                             atol=1e-3, rtol=0)
+  np.testing.assert_allclose(np.asarray(out)[0] * 255, np.rot90(x[0]), atol=1e-3, rtol=0)
   # At 45 degrees the corners come from outside the frame: fill 0 before
   # normalisation, so -mean/std after.
   x3 = _images((1, 15, 15, 3), seed=2)
-  out = augment.apply_params(jnp.asarray(x3), _params(1, 0, 0, 15, 15, 45.0),
-                             out_size=15)
+  out = augment.apply_params(jnp.asarray(x3), _params(1, 0, 0, 15, 15, 45.0), out_size=15)
   np.testing.assert_allclose(np.asarray(out)[0, 0, 0], -MEAN / STD, atol=1e-6)
 
 
@@ -107,9 +113,10 @@ def test_crop_resize_matches_torch_bilinear_reference(box):
   # (5, 7, 11, 17) upscales a small crop, (0, 3, 40, 29) downscales.
   top, left, h, w = box
   x = _images((1, 40, 50, 3), seed=3)
-  out = augment.apply_params(jnp.asarray(x), _params(1, top, left, h, w, 0.0),
-                             out_size=24, mean=0.0, std=1.0)
-  ref = _torch_bilinear(x[0, top:top + h, left:left + w], 24, 24)
+  out = augment.apply_params(
+      jnp.asarray(x), _params(1, top, left, h, w, 0.0), out_size=24, mean=0.0, std=1.0
+  )
+  ref = _torch_bilinear(x[0, top : top + h, left : left + w], 24, 24)
   np.testing.assert_allclose(np.asarray(out)[0] * 255, ref, atol=2e-3, rtol=0)
 
 
@@ -148,19 +155,20 @@ def test_choose_crop_size_matches_torchvision_attempt_loop():
   assert n_found > 50 and n_fallback > 5  # both branches exercised
 
 
-@pytest.mark.parametrize("height,width,expected", [
-    (10, 1000, (0, 493, 10, 13)),  # too wide: h = H, w = round(H * 4/3)
-    (1000, 10, (493, 0, 13, 10)),  # too tall: w = W, h = round(W / (3/4))
-])
+@pytest.mark.parametrize(
+    "height,width,expected",
+    [
+        (10, 1000, (0, 493, 10, 13)),  # too wide: h = H, w = round(H * 4/3)
+        (1000, 10, (493, 0, 13, 10)),  # too tall: w = W, h = round(W / (3/4))
+    ],
+)
 def test_fallback_is_torchvision_centre_crop(height, width, expected):
-  p = augment.sample_params(jax.random.key(5), 4, height, width,
-                            scale=(0.9, 1.0))
+  p = augment.sample_params(jax.random.key(5), 4, height, width, scale=(0.9, 1.0))
   for field, value in zip(p[:4], expected, strict=True):
     np.testing.assert_array_equal(np.asarray(field), value)
 
 
-def _expected_area_fraction(lo=0.08, hi=1.0, ratio=(3 / 4, 4 / 3),
-                            attempts=10):
+def _expected_area_fraction(lo=0.08, hi=1.0, ratio=(3 / 4, 4 / 3), attempts=10):
   """E[area fraction] on a square image (rounding ignored): each attempt is
   valid iff frac <= exp(-|log r|); the first valid attempt is a draw from the
   conditional law; if all fail the fallback is the whole image."""
@@ -173,16 +181,15 @@ def _expected_area_fraction(lo=0.08, hi=1.0, ratio=(3 / 4, 4 / 3),
     return min(math.exp(-abs(t)), hi)
 
   p_valid = avg(lambda t: (bound(t) - lo) / (hi - lo))
-  mean_valid = avg(lambda t: (bound(t)**2 - lo**2) / (2 * (hi - lo))) / p_valid
-  q = (1 - p_valid)**attempts
+  mean_valid = avg(lambda t: (bound(t) ** 2 - lo**2) / (2 * (hi - lo))) / p_valid
+  q = (1 - p_valid) ** attempts
   return (1 - q) * mean_valid + q * 1.0
 
 
 def test_crop_and_angle_distribution():
   height = width = 256
   n = 20000
-  p = jax.jit(augment.sample_params, static_argnums=(1, 2, 3))(
-      jax.random.key(6), n, height, width)
+  p = jax.jit(augment.sample_params, static_argnums=(1, 2, 3))(jax.random.key(6), n, height, width)
   top, left, h, w, angle = (np.asarray(v) for v in p)
   frac = h * w / (height * width)
   # Rounding h and w (>= ~60 px) moves the area and log-ratio by ~1-2 %.
@@ -234,14 +241,12 @@ def test_eval_geometry_rounds_like_torchvision():
 
 def test_eval_downscale_matches_torch_bilinear_reference():
   x = _images((2, 60, 80, 3), seed=12)
-  out = augment.eval_transform(jnp.asarray(x), resize=32, out_size=24,
-                               mean=0.0, std=1.0)
+  out = augment.eval_transform(jnp.asarray(x), resize=32, out_size=24, mean=0.0, std=1.0)
   new_h, new_w, top, left = 32, 42, 4, 9  # 80*32/60 = 42.67 -> 42
   assert augment.eval_geometry(60, 80, 32, 24) == (new_h, new_w, top, left)
   for i in range(2):
-    ref = _torch_bilinear(x[i], new_h, new_w)[top:top + 24, left:left + 24]
-    np.testing.assert_allclose(np.asarray(out)[i] * 255, ref, atol=2e-3,
-                               rtol=0)
+    ref = _torch_bilinear(x[i], new_h, new_w)[top : top + 24, left : left + 24]
+    np.testing.assert_allclose(np.asarray(out)[i] * 255, ref, atol=2e-3, rtol=0)
 
 
 def test_eval_upscale_matches_pil():
@@ -250,32 +255,34 @@ def test_eval_upscale_matches_pil():
   # equals clamping; mode "F" avoids PIL's uint8 rounding, leaving only float
   # error (observed ~1e-4 grey levels; 2e-3 allowed).
   x = _images((1, 20, 30, 3), seed=13)
-  out = np.asarray(augment.eval_transform(jnp.asarray(x), resize=48,
-                                          out_size=40, mean=0.0, std=1.0))[0]
+  out = np.asarray(
+      augment.eval_transform(jnp.asarray(x), resize=48, out_size=40, mean=0.0, std=1.0)
+  )[0]
   new_h, new_w, top, left = augment.eval_geometry(20, 30, 48, 40)
   assert (new_h, new_w) == (48, 72)
   for c in range(3):
     pil = Image.fromarray(x[0, ..., c].astype(np.float32), mode="F").resize(
-        (new_w, new_h), Image.BILINEAR)
-    ref = np.asarray(pil)[top:top + 40, left:left + 40]
+        (new_w, new_h), Image.BILINEAR
+    )
+    ref = np.asarray(pil)[top : top + 40, left : left + 40]
     np.testing.assert_allclose(out[..., c] * 255, ref, atol=2e-3, rtol=0)
 
 
 def test_eval_at_eval_size_is_pure_normalisation():
   x = _images((2, 24, 24, 3), seed=14)
   out = augment.eval_transform(jnp.asarray(x), resize=28, out_size=24)
-  np.testing.assert_allclose(np.asarray(out), (x / 255.0 - MEAN) / STD,
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(out), (x / 255.0 - MEAN) / STD, atol=1e-5, rtol=0)
   # torchvision semantics on request: upscale to 28, then crop = a zoom.
-  zoomed = augment.eval_transform(jnp.asarray(x), resize=28, out_size=24,
-                                  passthrough_at_out_size=False)
+  zoomed = augment.eval_transform(
+      jnp.asarray(x), resize=28, out_size=24, passthrough_at_out_size=False
+  )
   assert np.abs(np.asarray(zoomed) - np.asarray(out)).max() > 0.1
   # Short side already `resize`: no resampling, only the centre crop.
   y = _images((1, 28, 31, 3), seed=15)
   out = augment.eval_transform(jnp.asarray(y), resize=28, out_size=24)
-  np.testing.assert_allclose(np.asarray(out),
-                             (y[:, 2:26, 4:28] / 255.0 - MEAN) / STD,
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+      np.asarray(out), (y[:, 2:26, 4:28] / 255.0 - MEAN) / STD, atol=1e-5, rtol=0
+  )
 
 
 def test_one_channel_uint8_and_float_inputs():
@@ -289,14 +296,12 @@ def test_one_channel_uint8_and_float_inputs():
   for c in range(3):
     np.testing.assert_allclose(out3[..., c], out1[..., 0], atol=1e-6)
   # Float input in [0, 1] is the same image as uint8 / 255.
-  outf = np.asarray(augment.train_transform(
-      jnp.asarray(gray / np.float32(255)), key, **kw))
+  outf = np.asarray(augment.train_transform(jnp.asarray(gray / np.float32(255)), key, **kw))
   np.testing.assert_allclose(outf, out1, atol=1e-5)
   # Default 1-channel statistics.
   norm = np.asarray(augment.normalize(jnp.asarray(gray)))
   np.testing.assert_allclose(norm, (gray / 255.0 - 0.449) / 0.226, atol=1e-5)
-  bf16 = augment.train_transform(jnp.asarray(gray), key, dtype=jnp.bfloat16,
-                                 **kw)
+  bf16 = augment.train_transform(jnp.asarray(gray), key, dtype=jnp.bfloat16, **kw)
   assert bf16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(bf16, np.float32), out1, atol=0.05)
 
@@ -317,8 +322,7 @@ def test_jit_and_vmap_over_members():
   raw = jax.random.split(jax.random.PRNGKey(19), 2)
   xs = jnp.stack([x, x[::-1]])
   both = jax.vmap(f)(xs, raw)
-  np.testing.assert_allclose(np.asarray(both[1]), np.asarray(f(xs[1], raw[1])),
-                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(both[1]), np.asarray(f(xs[1], raw[1])), atol=1e-6)
 
 
 def test_config_errors_and_disabled_augmentation():
@@ -332,8 +336,9 @@ def test_config_errors_and_disabled_augmentation():
   with pytest.raises(ConfigError):
     augment.Augmentation(scale=(0.5, 0.1))
   off = augment.Augmentation(enabled=False, out_size=24, resize=28)
-  np.testing.assert_array_equal(np.asarray(off.train(x, jax.random.key(0))),
-                                np.asarray(augment.normalize(x)))
+  np.testing.assert_array_equal(
+      np.asarray(off.train(x, jax.random.key(0))), np.asarray(augment.normalize(x))
+  )
   on = augment.Augmentation(out_size=16, resize=20)
   assert on.train(x, jax.random.key(0)).shape == (2, 16, 16, 3)
   assert on.eval(x).shape == (2, 16, 16, 3)

@@ -55,9 +55,7 @@ def execute(name: str, params: dict, timeout: int = CELL_TIMEOUT_S):
       )
   )
   km = kernel_manager()
-  client = NotebookClient(
-      nb, km=km, timeout=timeout, resources={"metadata": {"path": COLABS}}
-  )
+  client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": COLABS}})
   client.execute()
   return nb
 

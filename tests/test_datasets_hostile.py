@@ -222,8 +222,7 @@ def _damage(kind: str, path: str) -> str:
   if kind == "16-bit":
     fx.write_image_as(path, "I;16", COLOUR)
     return re.escape(
-        "ValueError: mode I;16 (16-bit or float pixels), expected 8-bit "
-        "grayscale or colour"
+        "ValueError: mode I;16 (16-bit or float pixels), expected 8-bit grayscale or colour"
     )
   raise ValueError(kind)
 
@@ -283,9 +282,7 @@ def test_split_without_a_readable_image_is_an_error(name, skip, original, tmp_pa
     fx.truncate(os.path.join(manual, path))
   message = _fails(name, manual, tmp_path, skip_bad_images=skip)
   if skip:
-    assert message.startswith(
-        f"{name}: no image of split 'validation' could be read (skipped: "
-    )
+    assert message.startswith(f"{name}: no image of split 'validation' could be read (skipped: ")
     assert message.endswith("; expected at least one readable image per split")
   else:
     assert message.startswith(
@@ -359,9 +356,7 @@ def _papila_patient_twice(file: str):
     rows = fx.read_sheet(path)
     rows.append(list(rows[5]))  # the third patient's row again, at the end
     fx.write_sheet(path, rows)
-    return (
-        f"{path}: patient {rows[5][0]!r} appears twice; expected one row per patient"
-    )
+    return f"{path}: patient {rows[5][0]!r} appears twice; expected one row per patient"
 
   return edit
 
@@ -647,9 +642,7 @@ def test_repeated_column_is_an_error(name, file, old, new, header_row, original,
      ("chexpert", SPLIT_CSV, 6)],
     ids=["ham10000-first_row", "ham10000-later_row", "chexpert-train", "chexpert-split"],
 )  # fmt: skip
-def test_csv_line_with_more_fields_than_columns_is_an_error(
-    name, file, line, original, tmp_path
-):
+def test_csv_line_with_more_fields_than_columns_is_an_error(name, file, line, original, tmp_path):
   # On the first data line pandas would silently shift every column by one.
   orig = original(name)
   manual = _copy(orig, tmp_path)

@@ -30,9 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _build(name, manual_dir, data_dir, **kwargs):
   kwargs.setdefault("num_workers", 1)
-  return prepare.prepare(
-      name, manual_dir, data_dir, image_size=SIZES[name], **kwargs
-  )
+  return prepare.prepare(name, manual_dir, data_dir, image_size=SIZES[name], **kwargs)
 
 
 def _records(builder, split):
@@ -49,8 +47,7 @@ def _rows(builder, attributes):
   out = {}
   for split in datasets.SPLITS:
     out[split] = sorted(
-        (_text(r["path"]), int(r["label"]), _text(r["id"]))
-        + tuple(int(r[a]) for a in attributes)
+        (_text(r["path"]), int(r["label"]), _text(r["id"])) + tuple(int(r[a]) for a in attributes)
         for r in _records(builder, split)
     )
   return out
@@ -126,23 +123,23 @@ def papila_expected(patients: pd.DataFrame) -> pd.DataFrame:
   shuffled = ids[np.random.RandomState(42).permutation(len(ids))]
   n = len(ids)
   split_of = {p: "train" for p in shuffled[: int(n * 0.7)]}
-  split_of.update(
-      {p: "validation" for p in shuffled[int(n * 0.7) : int(n * 0.8)]}
-  )
+  split_of.update({p: "validation" for p in shuffled[int(n * 0.7) : int(n * 0.8)]})
   split_of.update({p: "test" for p in shuffled[int(n * 0.8) :]})
   rows = []
   for eye in ("OD", "OS"):
     for _, p in patients.iterrows():
       if p[f"Diagnosis_{eye}"] == 2:
         continue
-      rows.append({
-          "split": split_of[p["ID"]],
-          "path": f"FundusImages/RET{p['ID'][1:]}{eye}.jpg",
-          "label": p[f"Diagnosis_{eye}"],
-          "id": p["ID"][1:],
-          "sex": p["Gender"],
-          "age": int(p["Age"] >= 60),
-      })
+      rows.append(
+          {
+              "split": split_of[p["ID"]],
+              "path": f"FundusImages/RET{p['ID'][1:]}{eye}.jpg",
+              "label": p[f"Diagnosis_{eye}"],
+              "id": p["ID"][1:],
+              "sex": p["Gender"],
+              "age": int(p["Age"] >= 60),
+          }
+      )
   return pd.DataFrame(rows)
 
 
@@ -185,15 +182,17 @@ def chexpert_expected(train, demo, split_file) -> pd.DataFrame:
   df = df[df.ethnicity.isin(["Non-Hispanic/Non-Latino", "Not Hispanic"])]
   df = df[df["Frontal/Lateral"] == "Frontal"]
   splits = {"train": "train", "validate": "validation", "test": "test"}
-  return pd.DataFrame({
-      "split": df.split.map(splits),
-      "path": df.Path,
-      "label": np.where(df["No Finding"] == 1, 0, 1),
-      "id": df.patient_id,
-      "sex": np.where(df.Sex == "Female", 1, 0),
-      "age": np.where(df.Age >= 60, 1, 0),
-      "race": np.where(df.race == "White", 0, 1),
-  })
+  return pd.DataFrame(
+      {
+          "split": df.split.map(splits),
+          "path": df.Path,
+          "label": np.where(df["No Finding"] == 1, 0, 1),
+          "id": df.patient_id,
+          "sex": np.where(df.Sex == "Female", 1, 0),
+          "age": np.where(df.Age >= 60, 1, 0),
+          "race": np.where(df.race == "White", 0, 1),
+      }
+  )
 
 
 # --- cohorts, labels, attributes, splits ------------------------------------------
@@ -252,9 +251,7 @@ def test_same_files_build_identically(ham, tmp_path):
 def test_load_split_and_summary(papila):
   manual, patients, builder, data_dir = papila
   expected = papila_expected(patients)
-  split = datasets.load_split(
-      "papila", "train", data_dir=data_dir, image_size=SIZES["papila"]
-  )
+  split = datasets.load_split("papila", "train", data_dir=data_dir, image_size=SIZES["papila"])
   assert split.images.shape == ((expected.split == "train").sum(), 6, 8, 3)
   assert set(split.attributes) == {"sex", "age"}
 

@@ -36,8 +36,11 @@ def test_group_metrics_match_sklearn_per_group():
   labels, logits, groups = _toy()
   pred, score = fairness.predictions_from_logits(logits)
   got = fairness.group_metrics(labels, pred, score, groups)
-  for suffix, mask in [("", np.ones_like(groups, bool)),
-                       ("/g0", groups == 0), ("/g1", groups == 1)]:
+  for suffix, mask in [
+      ("", np.ones_like(groups, bool)),
+      ("/g0", groups == 0),
+      ("/g1", groups == 1),
+  ]:
     y, p, s = labels[mask], pred[mask], score[mask]
     tn, fp, fn, tp = skm.confusion_matrix(y, p, labels=[0, 1]).ravel()
     assert got["f1" + suffix] == pytest.approx(skm.f1_score(y, p))
@@ -50,12 +53,9 @@ def test_group_metrics_match_sklearn_per_group():
     assert got["n_pos" + suffix] == y.sum()
     # AUC by an independent route: U / (n_pos * n_neg).
     u = stats.mannwhitneyu(s[y == 1], s[y == 0]).statistic
-    assert got["auc" + suffix] == pytest.approx(
-        u / ((y == 1).sum() * (y == 0).sum())
-    )
+    assert got["auc" + suffix] == pytest.approx(u / ((y == 1).sum() * (y == 0).sum()))
   assert set(got) == {
-      f"{m}{sfx}" for m in fairness.METRICS + fairness.COUNTS
-      for sfx in ("", "/g0", "/g1")
+      f"{m}{sfx}" for m in fairness.METRICS + fairness.COUNTS for sfx in ("", "/g0", "/g1")
   }
   # The groups genuinely differ, so a per-group bug cannot hide.
   assert got["f1/g0"] != got["f1/g1"]
@@ -100,14 +100,13 @@ def test_single_class_group_has_nan_auc_and_empty_group_all_nan():
 
 
 def test_group_metrics_reject_bad_input():
-  labels, pred, score = np.array([0, 1]), np.array([0, 1]), np.array([.2, .8])
+  labels, pred, score = np.array([0, 1]), np.array([0, 1]), np.array([0.2, 0.8])
   with pytest.raises(ValueError, match="group ids"):
     fairness.group_metrics(labels, pred, score, np.array([0, 3]))
   with pytest.raises(ValueError, match="0/1"):
     fairness.group_metrics(np.array([0, 2]), pred, score, np.array([0, 1]))
   with pytest.raises(ValueError, match="NaN"):
-    fairness.group_metrics(labels, pred, np.array([.2, np.nan]),
-                           np.array([0, 1]))
+    fairness.group_metrics(labels, pred, np.array([0.2, np.nan]), np.array([0, 1]))
 
 
 # --- SPLIT probe ----------------------------------------------------------
@@ -205,14 +204,14 @@ def test_mann_whitney_matches_scipy_and_reports_its_method():
   assert r.pvalue == stats.mannwhitneyu(b5, c5, method="exact").pvalue
   tied = statistics.mann_whitney([0.5, 0.5, 0.6], [0.5, 0.7, 0.8])
   assert tied.method == "asymptotic"
-  assert tied.pvalue == stats.mannwhitneyu(
-      [0.5, 0.5, 0.6], [0.5, 0.7, 0.8], method="asymptotic").pvalue
+  assert (
+      tied.pvalue
+      == stats.mannwhitneyu([0.5, 0.5, 0.6], [0.5, 0.7, 0.8], method="asymptotic").pvalue
+  )
   # SS's mannwhitneyu(unbiased, biased, 'greater') is our 'less'.
   less = statistics.mann_whitney(b10, c10, alternative="less")
-  assert less.pvalue == pytest.approx(
-      stats.mannwhitneyu(c10, b10, alternative="greater").pvalue)
-  assert less.pvalue < 0.05 < statistics.mann_whitney(
-      b10, c10, alternative="greater").pvalue
+  assert less.pvalue == pytest.approx(stats.mannwhitneyu(c10, b10, alternative="greater").pvalue)
+  assert less.pvalue < 0.05 < statistics.mann_whitney(b10, c10, alternative="greater").pvalue
 
 
 def test_mann_whitney_drops_nan_and_gives_reason_when_empty():
@@ -235,11 +234,9 @@ def _holm_rejections(p: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def test_holm_hand_cases_and_nan_exclusion():
-  np.testing.assert_allclose(
-      statistics.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+  np.testing.assert_allclose(statistics.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
   np.testing.assert_allclose(statistics.holm([0.5, 0.6]), [1.0, 1.0])
-  np.testing.assert_allclose(
-      statistics.holm([0.01, np.nan, 0.04]), [0.02, np.nan, 0.04])
+  np.testing.assert_allclose(statistics.holm([0.01, np.nan, 0.04]), [0.02, np.nan, 0.04])
   assert np.isnan(statistics.holm([np.nan, np.nan])).all()
   assert statistics.holm([]).shape == (0,)
 
@@ -251,16 +248,14 @@ def test_holm_equals_the_step_down_procedure():
     adjusted = statistics.holm(p)
     assert (adjusted >= p).all() and (adjusted <= 1).all()
     for alpha in (0.01, 0.02, 0.05, 0.1, 0.2):
-      np.testing.assert_array_equal(
-          adjusted <= alpha, _holm_rejections(p, alpha))
+      np.testing.assert_array_equal(adjusted <= alpha, _holm_rejections(p, alpha))
 
 
 def test_holm_equals_statsmodels():
   multitest = pytest.importorskip("statsmodels.stats.multitest")
   rng = np.random.default_rng(2)
   p = np.concatenate([rng.uniform(0, 0.02, 3), rng.uniform(0, 1, 8), [0.5]])
-  np.testing.assert_allclose(
-      statistics.holm(p), multitest.multipletests(p, method="holm")[1])
+  np.testing.assert_allclose(statistics.holm(p), multitest.multipletests(p, method="holm")[1])
 
 
 def test_kendall_tau_matches_scipy_and_handles_degenerate_input():

@@ -196,7 +196,9 @@ def test_load_metrics_null_and_missing_are_nan(tmp_path):
     f.writelines(json.dumps(r) + "\n" for r in records)
   df = inspection.load_metrics(str(tmp_path))
   assert list(zip(df["split"], df["epoch"], strict=True)) == [
-      ("train", 1), ("train", 2), ("validation", 1)
+      ("train", 1),
+      ("train", 2),
+      ("validation", 1),
   ]
   assert df["nc1"].dtype == np.float64
   assert df["nc1"].iloc[0] == 0.5 and math.isnan(df["nc1"].iloc[1])
@@ -232,7 +234,8 @@ def test_stage_features_labels_and_flips_are_the_members(tiny_views):
       np.testing.assert_array_equal(sf.predictions, np.argmax(sf.logits, axis=1))
     assert view.splits["train"].flipped.any() and not view.splits["test"].flipped.any()
   assert [v.epoch for v in views] == [
-      inspection.stage_epochs(workdir)[member]["early"], config.epochs
+      inspection.stage_epochs(workdir)[member]["early"],
+      config.epochs,
   ]
 
 
@@ -276,6 +279,8 @@ def test_report_views_select_combos_and_add_curves(tiny_study):
     per_epoch = df[(df["split"] == "train") & (df["bias_rate"] == rate)].groupby("epoch")[key]
     assert c["curves"]["train"][key]["epochs"] == list(per_epoch.groups)
     np.testing.assert_allclose(_floats(c["curves"]["train"][key][side]["mean"]), per_epoch.mean())
-    np.testing.assert_allclose(_floats(c["curves"]["train"][key][side]["sd"]), per_epoch.std(ddof=1))
+    np.testing.assert_allclose(
+        _floats(c["curves"]["train"][key][side]["sd"]), per_epoch.std(ddof=1)
+    )
   with pytest.raises(KeyError, match="no combination"):
     study_results.select_combos(summary, ["nosuch-combo"])

@@ -61,7 +61,12 @@ EXPECTED_NAMES = [
     "progress=true,attribute=medium",
 ]
 PAPER_COMBOS = (
-    "papila:sex", "papila:age", "ham10000:sex", "ham10000:age", "chexpert:sex", "chexpert:race",
+    "papila:sex",
+    "papila:age",
+    "ham10000:sex",
+    "ham10000:age",
+    "chexpert:sex",
+    "chexpert:race",
 )
 
 
@@ -74,8 +79,13 @@ def sweep_config(tmp_path_factory) -> str:
 
 def _launch(script: str, *args: str, env: dict[str, str] | None = None, check: bool = True):
   result = subprocess.run(
-      [sys.executable, "-m", f"launch.{script}", *args], cwd=ROOT, capture_output=True,
-      text=True, env=env, timeout=300, check=False,
+      [sys.executable, "-m", f"launch.{script}", *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+      check=False,
   )
   if check:
     assert result.returncode == 0, result.stderr
@@ -103,7 +113,7 @@ def _main_call(tokens: list[str], python: str) -> tuple[str, str, dict]:
   overrides = {}
   for t in tokens[3:]:
     if t.startswith("--config."):
-      key, value = t[len("--config."):].split("=", 1)
+      key, value = t[len("--config.") :].split("=", 1)
       assert key not in overrides, f"{key} twice in {tokens}"
       overrides[key] = _value(value)
     else:
@@ -127,15 +137,23 @@ def _check_points(calls, spec: str, root: str, data_dir: str = "/tmp/data dir") 
 
 def test_local_dry_run_prints_one_command_per_point(sweep_config, tmp_path):
   root = str(tmp_path / "runs")
-  out = _launch("local", f"--config={sweep_config}", f"--workdir_root={root}", "--dry_run",
-                DATA_DIR_FLAG).stdout
+  out = _launch(
+      "local", f"--config={sweep_config}", f"--workdir_root={root}", "--dry_run", DATA_DIR_FLAG
+  ).stdout
   _check_points([_main_call(c, sys.executable) for c in _commands(out)], sweep_config, root)
   assert not os.path.exists(root)  # a dry run writes nothing
 
 
 def test_local_dry_run_with_gpu_slots(sweep_config, tmp_path):
-  out = _launch("local", f"--config={sweep_config}", f"--workdir_root={tmp_path}", "--dry_run",
-                "--parallel=2", "--gpus=0,1,2,3", DATA_DIR_FLAG).stdout
+  out = _launch(
+      "local",
+      f"--config={sweep_config}",
+      f"--workdir_root={tmp_path}",
+      "--dry_run",
+      "--parallel=2",
+      "--gpus=0,1,2,3",
+      DATA_DIR_FLAG,
+  ).stdout
   assert "slot 0: CUDA_VISIBLE_DEVICES=0,1; slot 1: CUDA_VISIBLE_DEVICES=2,3" in out
   assert len(_commands(out)) == 3
 
@@ -143,9 +161,17 @@ def test_local_dry_run_with_gpu_slots(sweep_config, tmp_path):
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_slurm_dry_run_is_an_array_of_the_points(sweep_config, tmp_path, nodes):
   root = str(tmp_path / "runs")
-  out = _launch("slurm", f"--config={sweep_config}", f"--workdir_root={root}", "--dry_run",
-                f"--nodes={nodes}", "--gpus_per_node=8", "--max_parallel=2", "--time=1:00:00",
-                DATA_DIR_FLAG).stdout
+  out = _launch(
+      "slurm",
+      f"--config={sweep_config}",
+      f"--workdir_root={root}",
+      "--dry_run",
+      f"--nodes={nodes}",
+      "--gpus_per_node=8",
+      "--max_parallel=2",
+      "--time=1:00:00",
+      DATA_DIR_FLAG,
+  ).stdout
   sbatch = [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("#SBATCH ")]
   assert "--array=0-2%2" in sbatch
   assert f"--nodes={nodes}" in sbatch and "--ntasks-per-node=1" in sbatch
@@ -153,8 +179,11 @@ def test_slurm_dry_run_is_an_array_of_the_points(sweep_config, tmp_path, nodes):
   commands = _commands(out)
   assert all(c[0] == "srun" for c in commands)
   # Multi-node: JAX's distributed runtime reads SLURM's environment.
-  assert not any(t.startswith(("--coordinator", "--num_processes", "--process_id"))
-                 for c in commands for t in c)
+  assert not any(
+      t.startswith(("--coordinator", "--num_processes", "--process_id"))
+      for c in commands
+      for t in c
+  )
   _check_points([_main_call(c[1:], "python") for c in commands], sweep_config, root)
   assert not os.path.exists(root)
 
@@ -174,8 +203,13 @@ def test_slurm_script_runs_point_i_in_task_i(sweep_config, tmp_path, data_dir):
   env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
   root = str(tmp_path / "runs")
   # Submitting generates the synthetic dataset once, before the tasks start.
-  out = _launch("slurm", f"--config={sweep_config}", f"--workdir_root={root}",
-                f"--config.dataset.data_dir={data_dir}", env=env).stdout
+  out = _launch(
+      "slurm",
+      f"--config={sweep_config}",
+      f"--workdir_root={root}",
+      f"--config.dataset.data_dir={data_dir}",
+      env=env,
+  ).stdout
   assert "Submitted batch job 42" in out
   assert os.path.isdir(os.path.join(data_dir, "synthetic"))
   script = os.path.join(root, "slurm", "ncjax-small_sweep.sbatch")
@@ -183,31 +217,42 @@ def test_slurm_script_runs_point_i_in_task_i(sweep_config, tmp_path, data_dir):
     subprocess.run(["bash", script], env=dict(env, SLURM_ARRAY_TASK_ID=str(task)), check=True)
   runs = [json.loads(line) for line in calls.read_text().splitlines()]
   calls_in_task_order = [runs[1], runs[2], runs[0]]
-  _check_points([_main_call(c, "python") for c in calls_in_task_order], sweep_config, root,
-                data_dir)
+  _check_points(
+      [_main_call(c, "python") for c in calls_in_task_order], sweep_config, root, data_dir
+  )
   bad = subprocess.run(["bash", script], env=dict(env, SLURM_ARRAY_TASK_ID="3"), check=False)
   assert bad.returncode == 2
 
 
 def test_tpu_dry_run_is_one_gcloud_command_per_point(sweep_config, tmp_path):
   root = "/mnt/shared/runs"
-  out = _launch("tpu", "--tpu=my-v4-32", "--zone=us-central2-b", "--project=proj",
-                f"--config={sweep_config}", f"--workdir_root={root}", "--repo_dir=src/ncjax",
-                "--setup=source .venv/bin/activate", "--dry_run", DATA_DIR_FLAG).stdout
+  out = _launch(
+      "tpu",
+      "--tpu=my-v4-32",
+      "--zone=us-central2-b",
+      "--project=proj",
+      f"--config={sweep_config}",
+      f"--workdir_root={root}",
+      "--repo_dir=src/ncjax",
+      "--setup=source .venv/bin/activate",
+      "--dry_run",
+      DATA_DIR_FLAG,
+  ).stdout
   calls = []
   for c in _commands(out):
     assert c[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-v4-32"]
     assert set(c[6:-1]) == {"--zone=us-central2-b", "--project=proj", "--worker=all"}
     assert c[-1].startswith("--command=")
-    remote = shlex.split(c[-1][len("--command="):])
+    remote = shlex.split(c[-1][len("--command=") :])
     assert remote[:7] == ["cd", "src/ncjax", "&&", "source", ".venv/bin/activate", "&&", "python3"]
     calls.append(_main_call(remote[6:], "python3"))
   _check_points(calls, sweep_config, root)
 
 
 def test_paper_sweep_is_six_combinations_times_ten_seeds(tmp_path):
-  out = _launch("local", "--config=configs/paper.py", f"--workdir_root={tmp_path}",
-                "--dry_run").stdout
+  out = _launch(
+      "local", "--config=configs/paper.py", f"--workdir_root={tmp_path}", "--dry_run"
+  ).stdout
   points = [_main_call(c, sys.executable)[2] for c in _commands(out)]
   expected = [
       {"study.combos": (combo,), "seeds": (seed,)}
@@ -221,11 +266,13 @@ def test_bias_sweep_config_has_the_five_rates(tmp_path):
 
   for arg in (None, "tiny", "paper"):
     assert tuple(bias_sweep.get_config(arg).bias.rates) == (0.0, 0.125, 0.25, 0.375, 0.5)
-  out = _launch("local", "--config=configs/bias_sweep.py:paper", f"--workdir_root={tmp_path}",
-                "--dry_run").stdout
+  out = _launch(
+      "local", "--config=configs/bias_sweep.py:paper", f"--workdir_root={tmp_path}", "--dry_run"
+  ).stdout
   assert len(_commands(out)) == 60
-  out = _launch("local", "--config=configs/bias_sweep.py", f"--workdir_root={tmp_path}",
-                "--dry_run").stdout
+  out = _launch(
+      "local", "--config=configs/bias_sweep.py", f"--workdir_root={tmp_path}", "--dry_run"
+  ).stdout
   assert [_main_call(c, sys.executable)[1:] for c in _commands(out)] == [
       (os.path.join(str(tmp_path), "default"), {})
   ]
@@ -234,10 +281,14 @@ def test_bias_sweep_config_has_the_five_rates(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config={cfg}:typo"], "get_sweep() point 1: unknown config field 'bias.rate' "
-         "(did you mean 'bias.rates'?)"),
-        (["--config={cfg}", "--config.modle.width=3"], "unknown config field 'modle.width' "
-         "(did you mean 'model.width'?)"),
+        (
+            ["--config={cfg}:typo"],
+            "get_sweep() point 1: unknown config field 'bias.rate' (did you mean 'bias.rates'?)",
+        ),
+        (
+            ["--config={cfg}", "--config.modle.width=3"],
+            "unknown config field 'modle.width' (did you mean 'model.width'?)",
+        ),
         (["--config={cfg}", "--config.epochs=many"], "--config.epochs=many"),
         (["--config={cfg}", "--config.seeds=(3,)"], "sets 'seeds': drop --config.seeds"),
         (["--config=configs/nosuch.py"], "config file configs/nosuch.py not found"),
@@ -245,8 +296,14 @@ def test_bias_sweep_config_has_the_five_rates(tmp_path):
 )
 def test_errors_are_one_line(sweep_config, tmp_path, args, message):
   for script, more in (("local", []), ("slurm", []), ("tpu", ["--tpu=t", "--zone=z"])):
-    result = _launch(script, *[a.format(cfg=sweep_config) for a in args], *more,
-                     f"--workdir_root={tmp_path}", "--dry_run", check=False)
+    result = _launch(
+        script,
+        *[a.format(cfg=sweep_config) for a in args],
+        *more,
+        f"--workdir_root={tmp_path}",
+        "--dry_run",
+        check=False,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert message in result.stderr
@@ -261,8 +318,11 @@ def _mtimes(paths):
 
 def test_local_runner_skips_finished_and_resumes_unfinished(sweep_config, tmp_path, data_dir):
   root = str(tmp_path / "runs")
-  args = [f"--config={sweep_config}:run", f"--workdir_root={root}",
-          f"--config.dataset.data_dir={data_dir}"]
+  args = [
+      f"--config={sweep_config}:run",
+      f"--workdir_root={root}",
+      f"--config.dataset.data_dir={data_dir}",
+  ]
   first = _launch("local", *args, "--parallel=2")
   done, cut = os.path.join(root, "seeds=0"), os.path.join(root, "seeds=1")
   for w in (done, cut):

@@ -113,7 +113,7 @@ def _torchvision_state_dict(variables, num_classes=1000, seed=0):
     elif name == "bn1":
       bn("bn1", p, stats["bn1"])
     elif name.startswith("layer"):
-      layer, block = name[len("layer"):].split("_")
+      layer, block = name[len("layer") :].split("_")
       prefix = f"layer{layer}.{block}"
       for sub, q in p.items():
         if "conv" in sub:

@@ -29,9 +29,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _command(config, workdir, *extra) -> list[str]:
   return [
-      sys.executable, "-m", "ncjax.main", "--config=configs/synthetic.py:tiny",
-      f"--config.dataset.data_dir={config.dataset.data_dir}", f"--workdir={workdir}",
-      "--config.study.combos=()", *extra,
+      sys.executable,
+      "-m",
+      "ncjax.main",
+      "--config=configs/synthetic.py:tiny",
+      f"--config.dataset.data_dir={config.dataset.data_dir}",
+      f"--workdir={workdir}",
+      "--config.study.combos=()",
+      *extra,
   ]
 
 
@@ -60,9 +65,10 @@ def _assert_same_run(reference: str, other: str, member_names) -> None:
       assert jax.tree.structure(got) == jax.tree.structure(want)
       for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  with open(os.path.join(reference, "train_summary.json")) as f, open(
-      os.path.join(other, "train_summary.json")
-  ) as g:
+  with (
+      open(os.path.join(reference, "train_summary.json")) as f,
+      open(os.path.join(other, "train_summary.json")) as g,
+  ):
     assert json.load(f)["members"] == json.load(g)["members"]
 
 
@@ -100,8 +106,11 @@ def test_killed_anywhere_then_rerun_equals_an_uninterrupted_run(tiny_run, tmp_pa
   killed = []
   for name, fired, delay in triggers:
     proc = subprocess.Popen(
-        _command(config, work), cwd=ROOT, env=_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        _command(config, work),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
     while proc.poll() is None and not fired() and time.monotonic() < deadline:
@@ -113,7 +122,11 @@ def test_killed_anywhere_then_rerun_equals_an_uninterrupted_run(tiny_run, tmp_pa
     proc.wait(timeout=60)
   assert len(killed) >= 2, killed  # most kills landed before the run finished
   proc = subprocess.run(
-      _command(config, work), cwd=ROOT, env=_env(), capture_output=True, text=True,
+      _command(config, work),
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
       timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -165,7 +178,8 @@ def test_seed_order_does_not_change_any_members_results(tiny_run, tiny_config, t
   for m in ("seed0_bias0.25", "seed1_bias0"):
     for x, y in zip(
         jax.tree.leaves(checkpoints.restore_stage(reference, m, "final")),
-        jax.tree.leaves(checkpoints.restore_stage(work, m, "final")), strict=True,
+        jax.tree.leaves(checkpoints.restore_stage(work, m, "final")),
+        strict=True,
     ):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -198,7 +212,9 @@ def test_non_finite_nc_metric_stops_naming_member_epoch_and_quantity(
   ):
     train.train_and_evaluate(tiny_config, work)
   assert checkpoints.LatestCheckpoint(work).latest_epoch() == 1
-  assert {r["epoch"] for r in metric_writers.read_records(os.path.join(work, "metrics.jsonl"))} == {1}
+  assert {r["epoch"] for r in metric_writers.read_records(os.path.join(work, "metrics.jsonl"))} == {
+      1
+  }
 
 
 def test_batch_not_divisible_by_the_devices_is_one_line(tiny_run, tmp_path):
@@ -206,7 +222,11 @@ def test_batch_not_divisible_by_the_devices_is_one_line(tiny_run, tmp_path):
   env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4")
   proc = subprocess.run(
       _command(config, tmp_path / "w", "--config.batch_size=30"),
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
   )
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == (
@@ -236,9 +256,7 @@ def test_patience_longer_than_the_run_keeps_the_best_epoch(tiny_config, tmp_path
     assert es["best_epoch"] == 1 + int(np.argmin(val))
 
 
-def test_bias_for_a_group_without_positives_warns_and_flips_nothing(
-    tiny_config, tmp_path, caplog
-):
+def test_bias_for_a_group_without_positives_warns_and_flips_nothing(tiny_config, tmp_path, caplog):
   tiny_config.bias.group = 7  # no such group: nobody is eligible
   tiny_config.seeds = (0,)
   tiny_config.bias.rates = (0.25,)
@@ -252,9 +270,7 @@ def test_bias_for_a_group_without_positives_warns_and_flips_nothing(
 
 def test_full_disk_fails_before_anything_is_written(tiny_config, tmp_path, monkeypatch):
   usage = shutil.disk_usage(tmp_path)
-  monkeypatch.setattr(
-      workdir_lib.shutil, "disk_usage", lambda _: usage._replace(free=1 << 20)
-  )
+  monkeypatch.setattr(workdir_lib.shutil, "disk_usage", lambda _: usage._replace(free=1 << 20))
   with pytest.raises(WorkdirError, match=r"has 1 MiB free on its disk; .* need about \d+ MiB"):
     train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
   assert os.listdir(tmp_path / "w") == []
@@ -294,12 +310,19 @@ def test_study_workers_exit_when_the_study_is_killed(tiny_run, tmp_path):
   config, _, _ = tiny_run
   proc = subprocess.Popen(
       [
-          sys.executable, "-m", "ncjax.main", "--config=configs/synthetic.py:tiny",
+          sys.executable,
+          "-m",
+          "ncjax.main",
+          "--config=configs/synthetic.py:tiny",
           f"--config.dataset.data_dir={config.dataset.data_dir}",
-          f"--workdir={tmp_path / 'study'}", "--config.study.workers=2",
+          f"--workdir={tmp_path / 'study'}",
+          "--config.study.workers=2",
           "--config.epochs=2000",  # jobs far longer than the wait below
       ],
-      cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+      cwd=ROOT,
+      env=_env(),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
   )
   deadline = time.monotonic() + 120
   started = lambda: any(

@@ -73,8 +73,12 @@ def fake_study(root, *, combos=4, seeds=(0, 1, 2, 3), rates=(0.0, 0.1, 0.25, 0.5
     name = f"fake-{attr}"
     workdir = os.path.join(root, "combos", name)
     os.makedirs(workdir)
-    config = {"dataset": {"name": "fake", "attribute": attr}, "epochs": epochs,
-              "seeds": list(seeds), "bias": {"rates": list(rates)}}
+    config = {
+        "dataset": {"name": "fake", "attribute": attr},
+        "epochs": epochs,
+        "seeds": list(seeds),
+        "bias": {"rates": list(rates)},
+    }
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump({"config": config, "overrides": {}}, f)
     records, evals, best = [], [], {}
@@ -82,21 +86,41 @@ def fake_study(root, *, combos=4, seeds=(0, 1, 2, 3), rates=(0.0, 0.1, 0.25, 0.5
       member = f"seed{seed}_bias{rate:g}"
       best[member] = {"best_epoch": int(rng.integers(2, 5))}
       for epoch, split in itertools.product(range(1, epochs + 1), ("train", "validation", "test")):
-        r = {"epoch": epoch, "member": member, "seed": seed, "bias_rate": rate, "split": split,
-             "loss": float(rng.random()), "accuracy": float(rng.random())}
+        r = {
+            "epoch": epoch,
+            "member": member,
+            "seed": seed,
+            "bias_rate": rate,
+            "split": split,
+            "loss": float(rng.random()),
+            "accuracy": float(rng.random()),
+        }
         if epoch % 2 == 0 or epoch == epochs:
           nc1 = (1 + 4 * rate) * 10 * math.exp(-epoch / 3) * (1 + 0.2 * rng.random())
-          r.update({"nc1": nc1, "nc1/g0": nc1, "nc1/g1": nc1 * 1.1,
-                    "nc2_equinorm_w": 0.1 * rng.random(), "nc2_etf_w": rng.random(),
-                    "nc3": rng.random(), "nc4": 0.1 * rng.random()})
+          r.update(
+              {
+                  "nc1": nc1,
+                  "nc1/g0": nc1,
+                  "nc1/g1": nc1 * 1.1,
+                  "nc2_equinorm_w": 0.1 * rng.random(),
+                  "nc2_etf_w": rng.random(),
+                  "nc3": rng.random(),
+                  "nc4": 0.1 * rng.random(),
+              }
+          )
           if split == "train" and rate > 0:
             r["flipped_near_true"] = max(0.0, 0.9 - epoch / epochs + 0.1 * rng.random())
         records.append(r)
       for stage in ("early", "final"):
         shift = rate * (0.1 if stage == "early" else 0.4)
-        e = {"member": member, "seed": seed, "bias_rate": rate, "stage": stage,
-             "f1": 0.8 - shift + 0.05 * rng.random(),
-             "split_auc": 0.5 + 0.07 * i + 0.1 * rng.random()}
+        e = {
+            "member": member,
+            "seed": seed,
+            "bias_rate": rate,
+            "stage": stage,
+            "f1": 0.8 - shift + 0.05 * rng.random(),
+            "split_auc": 0.5 + 0.07 * i + 0.1 * rng.random(),
+        }
         for g in GROUPS:
           e[f"f1/{g}"] = 0.8 - shift + 0.05 * rng.random()
           e[f"test_nc1/{g}"] = 1 + 3 * shift + rng.random()
@@ -109,11 +133,20 @@ def fake_study(root, *, combos=4, seeds=(0, 1, 2, 3), rates=(0.0, 0.1, 0.25, 0.5
       json.dump({"members": best}, f)
     sep = os.path.join(root, "separability", name)
     os.makedirs(sep)
-    _write_jsonl(os.path.join(sep, "stage_eval.jsonl"), [
-        {"member": f"seed{s}_bias0", "seed": s, "bias_rate": 0.0, "stage": stage,
-         "auc": 0.55 + 0.07 * i + 0.05 * rng.random()}
-        for s in seeds for stage in ("early", "final")
-    ])
+    _write_jsonl(
+        os.path.join(sep, "stage_eval.jsonl"),
+        [
+            {
+                "member": f"seed{s}_bias0",
+                "seed": s,
+                "bias_rate": 0.0,
+                "stage": stage,
+                "auc": 0.55 + 0.07 * i + 0.05 * rng.random(),
+            }
+            for s in seeds
+            for stage in ("early", "final")
+        ],
+    )
   return root
 
 
@@ -182,7 +215,9 @@ def _check_f1_tests(root, summary, *, alternative="two-sided"):
 # -------------------------------------------------------------- tiny study
 
 REQUIRED = {
-    "f1": GROUPS, "nc1_test": GROUPS, "split_auc": None,
+    "f1": GROUPS,
+    "nc1_test": GROUPS,
+    "split_auc": None,
 }
 
 
@@ -284,8 +319,9 @@ def test_fabricated_study_statistics(fake):
       evals = _evals(os.path.join(root, "combos", name))
       for rate, g in itertools.product(("0.1", "0.25", "0.5"), GROUPS):
         test = summary["combos"][name]["by_rate"][rate][stage]["mannwhitney_f1"][g]
-        p = _mwu_p(_per_seed(evals, stage, float(rate), f"f1/{g}"),
-                   _per_seed(evals, stage, 0.0, f"f1/{g}"))
+        p = _mwu_p(
+            _per_seed(evals, stage, float(rate), f"f1/{g}"), _per_seed(evals, stage, 0.0, f"f1/{g}")
+        )
         assert _close(test["p"], p)
         raw.append(p)
         held.append(test["p_holm"])

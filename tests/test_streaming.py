@@ -163,8 +163,7 @@ def test_errors_in_the_producer_reach_the_consumer():
 
 
 def test_a_process_that_abandons_an_iterator_exits(data_dir):
-  script = textwrap.dedent(
-      f"""
+  script = textwrap.dedent(f"""
       import sys
       sys.path.insert(0, {ROOT!r})
       from configs import synthetic
@@ -175,8 +174,7 @@ def test_a_process_that_abandons_an_iterator_exits(data_dir):
       it = split.batches(0)
       next(it)
       print("abandoned")
-      """
-  )
+      """)
   out = subprocess.run(
       [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
   )
@@ -209,6 +207,7 @@ def test_views_share_the_opened_split(tiny_config):
 
 
 class _Device:
+
   def __init__(self, process_index: int):
     self.process_index = process_index
 
@@ -224,9 +223,7 @@ class _Sharding:
 
   def devices_indices_map(self, shape):
     local = shape[0] // len(self.order)
-    return {
-        _Device(p): (slice(i * local, (i + 1) * local),) for i, p in enumerate(self.order)
-    }
+    return {_Device(p): (slice(i * local, (i + 1) * local),) for i, p in enumerate(self.order)}
 
 
 def test_process_slices_must_match_the_sharding():

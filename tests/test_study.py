@@ -53,9 +53,7 @@ def test_a_failing_combination_is_named_and_the_others_finish(tiny_study, tmp_pa
   assert os.path.exists(tmp_path / "combos" / "synthetic-high" / "stage_eval.jsonl")
 
 
-def test_a_combination_naming_an_unknown_attribute_fails_before_anything_runs(
-    tiny_study, tmp_path
-):
+def test_a_combination_naming_an_unknown_attribute_fails_before_anything_runs(tiny_study, tmp_path):
   config, _, _ = tiny_study
   config = config.copy_and_resolve_references()
   config.study.combos = ("high", "hihg")

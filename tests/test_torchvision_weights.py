@@ -160,7 +160,9 @@ def test_numpy_reference_conv_matches_a_direct_loop():
 def test_resnet18_logits_match_torchvision_reference(sd18, images):
   want, _ = _numpy_resnet18(sd18, images)
   variables = tw.convert(sd18)  # model and 1000 classes inferred
-  logits, _ = _apply(resnet.create("resnet18", num_classes=1000), variables, images.transpose(0, 2, 3, 1))
+  logits, _ = _apply(
+      resnet.create("resnet18", num_classes=1000), variables, images.transpose(0, 2, 3, 1)
+  )
   diff = float(np.max(np.abs(np.asarray(logits, np.float64) - want)))
   assert np.abs(want).max() > 0.1  # a real signal, not everything ~0
   assert diff < 1e-4, diff
@@ -175,7 +177,9 @@ def test_imagenet_init_for_grayscale_two_classes(sd18, images):
       jax.random.key(0)
   )
   variables = tw.init_from(sd18, model, fresh)  # class counts differ: head dropped
-  np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], fresh["params"]["fc"]["kernel"])
+  np.testing.assert_array_equal(
+      variables["params"]["fc"]["kernel"], fresh["params"]["fc"]["kernel"]
+  )
   assert variables["params"]["conv1"]["kernel"].shape == (7, 7, 1, 64)
   logits, feats = _apply(model, variables, gray.transpose(0, 2, 3, 1))
   pre = np.asarray(feats["pre_logits"], np.float64)
@@ -192,7 +196,9 @@ def test_leaves_map_one_to_one_with_layout_changes(sd18):
       sd18["layer2.0.downsample.0.weight"].transpose(2, 3, 1, 0),
   )
   np.testing.assert_array_equal(s["layer3_1"]["bn2"]["var"], sd18["layer3.1.bn2.running_var"])
-  np.testing.assert_array_equal(p["layer4_0"]["downsample_bn"]["scale"], sd18["layer4.0.downsample.1.weight"])
+  np.testing.assert_array_equal(
+      p["layer4_0"]["downsample_bn"]["scale"], sd18["layer4.0.downsample.1.weight"]
+  )
   np.testing.assert_array_equal(p["fc"]["kernel"], sd18["fc.weight"].T)
   # Every torch float array went to exactly one leaf.
   n_leaves = len(jax.tree.leaves(variables))
@@ -208,7 +214,9 @@ def test_deeper_models_convert_completely(name):
           jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False
       )
   )
-  head = {"params": {"fc": jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), fresh["params"]["fc"])}}
+  head = {
+      "params": {"fc": jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), fresh["params"]["fc"])}
+  }
   variables = tw.convert(sd, head_from=head)
   assert jax.tree.map(np.shape, variables) == jax.tree.map(lambda x: x.shape, fresh)
   d = 2048 if name == "resnet50" else 512
@@ -224,6 +232,7 @@ def test_deeper_models_convert_completely(name):
 def test_accepts_tensor_like_values(sd18):
   # torch tensors are read through .detach().cpu().numpy().
   class FakeTensor:
+
     def __init__(self, a):
       self.a = a
 
@@ -250,7 +259,9 @@ def test_missing_key_is_named(sd18):
 
 def test_extra_key_is_named(sd18):
   sd = dict(sd18, **{"layer4.2.conv1.weight": np.zeros((512, 512, 3, 3), np.float32)})
-  with pytest.raises(ConfigError, match=r"'layer4\.2\.conv1\.weight' \(512, 512, 3, 3\) has no place"):
+  with pytest.raises(
+      ConfigError, match=r"'layer4\.2\.conv1\.weight' \(512, 512, 3, 3\) has no place"
+  ):
     tw.convert(sd, model_name="resnet18")
 
 

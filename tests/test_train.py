@@ -149,12 +149,20 @@ def test_four_fake_devices_give_the_same_losses(tiny_run, tmp_path):
   out = tmp_path / "four"
   proc = subprocess.run(
       [
-          sys.executable, "-m", "ncjax.main", "--config=configs/synthetic.py:tiny",
-          f"--config.dataset.data_dir={config.dataset.data_dir}", f"--workdir={out}",
+          sys.executable,
+          "-m",
+          "ncjax.main",
+          "--config=configs/synthetic.py:tiny",
+          f"--config.dataset.data_dir={config.dataset.data_dir}",
+          f"--workdir={out}",
           "--config.study.combos=()",
           "--config.xla_flags=--xla_force_host_platform_device_count=4",
       ],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   with open(out / "train_summary.json") as f:
@@ -181,12 +189,22 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
   procs = [
       subprocess.Popen(
           [
-              sys.executable, "-m", "ncjax.main", "--config=configs/synthetic.py:tiny",
-              f"--config.dataset.data_dir={config.dataset.data_dir}", f"--workdir={out}",
-              "--config.study.combos=()", f"--coordinator_address=localhost:{port}",
-              "--num_processes=2", f"--process_id={i}",
+              sys.executable,
+              "-m",
+              "ncjax.main",
+              "--config=configs/synthetic.py:tiny",
+              f"--config.dataset.data_dir={config.dataset.data_dir}",
+              f"--workdir={out}",
+              "--config.study.combos=()",
+              f"--coordinator_address=localhost:{port}",
+              "--num_processes=2",
+              f"--process_id={i}",
           ],
-          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+          cwd=ROOT,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
       )
       for i in range(2)
   ]
@@ -221,9 +239,10 @@ def test_resume_from_latest_checkpoint_replays_identically(tiny_run, tmp_path):
     shutil.rmtree(os.path.join(resumed, "checkpoints", m.name))
   assert checkpoints.LatestCheckpoint(resumed).latest_epoch() == config.epochs - 1
   train.train_and_evaluate(config, resumed)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f, open(
-      os.path.join(resumed, "metrics.jsonl")
-  ) as g:
+  with (
+      open(os.path.join(workdir, "metrics.jsonl")) as f,
+      open(os.path.join(resumed, "metrics.jsonl")) as g,
+  ):
     assert f.read() == g.read()
   for m in ("seed0_bias0", "seed1_bias0.25"):
     a = checkpoints.restore_stage(workdir, m, "final")
@@ -266,7 +285,10 @@ def test_batch_larger_than_split_is_a_config_error(tiny_config, tmp_path):
 def test_cli_unknown_field_is_one_line_with_a_hint(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "ncjax.main", f"--workdir={tmp_path}/w", "--config.modle.width=3"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
   )
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [

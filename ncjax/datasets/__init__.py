@@ -59,9 +59,7 @@ def register(name: str, entry: DatasetEntry) -> None:
 def _entry(name: str) -> DatasetEntry:
   _import_builders()
   if name not in BUILDERS:
-    raise DataError(
-        f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}"
-    )
+    raise DataError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}")
   return BUILDERS[name]
 
 
@@ -72,9 +70,7 @@ def attributes(name: str) -> tuple[str, ...]:
 def check_attribute(name: str, attribute: str) -> None:
   valid = attributes(name)
   if attribute not in valid:
-    raise DataError(
-        f"dataset {name!r} has no attribute {attribute!r}; valid: {list(valid)}"
-    )
+    raise DataError(f"dataset {name!r} has no attribute {attribute!r}; valid: {list(valid)}")
 
 
 def builder(name: str, data_dir: str, **kwargs: Any):
@@ -92,9 +88,7 @@ def ensure_prepared(name: str, *, data_dir: str, **builder_kwargs: Any):
   b = entry.make_builder(data_dir=data_dir, **builder_kwargs)
   if not b.is_prepared():
     if not entry.auto_prepare:
-      raise DataError(
-          f"dataset {name!r} is not prepared in {data_dir}; " + entry.how_to_prepare
-      )
+      raise DataError(f"dataset {name!r} is not prepared in {data_dir}; " + entry.how_to_prepare)
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
     tfds.disable_progress_bar()
@@ -102,9 +96,7 @@ def ensure_prepared(name: str, *, data_dir: str, **builder_kwargs: Any):
   return b
 
 
-def load_split(
-    name: str, split: str, *, data_dir: str, **builder_kwargs: Any
-) -> Split:
+def load_split(name: str, split: str, *, data_dir: str, **builder_kwargs: Any) -> Split:
   """Reads a whole split into host memory, sorted by example id.
 
   Procedurally generated datasets are prepared on first use; a real dataset

@@ -72,9 +72,7 @@ def normalise_race(race: pd.Series) -> pd.Series:
 def _release(manual_dir: epath.Path) -> epath.Path:
   for release in _RELEASES:
     if (manual_dir / release / "train.csv").is_file():
-      return downloaded.require_file(
-          manual_dir, f"{release}/train.csv", "CheXpert's train.csv"
-      )
+      return downloaded.require_file(manual_dir, f"{release}/train.csv", "CheXpert's train.csv")
   raise DataError(
       f"{manual_dir}: no {_RELEASES[1]}/train.csv or {_RELEASES[0]}/train.csv;"
       " expected the unpacked CheXpert release there"
@@ -116,9 +114,7 @@ class Chexpert(downloaded.DownloadedImageBuilder, skip_registration=True):
         manual_dir, _SPLIT_FILE, "the split file of biomedia-mira/chexploration"
     )
     split = downloaded.read_csv(split_csv, ("index", "split"))[["index", "split"]]
-    demo_xlsx = downloaded.require_file(
-        manual_dir, _DEMO, "CheXpert's demographics"
-    )
+    demo_xlsx = downloaded.require_file(manual_dir, _DEMO, "CheXpert's demographics")
     demo = downloaded.header_from_first_row(
         downloaded.read_excel(demo_xlsx, header=None), _DEMO_COLUMNS, demo_xlsx
     )
@@ -180,8 +176,7 @@ class Chexpert(downloaded.DownloadedImageBuilder, skip_registration=True):
     repeated = demo["patient"][demo["patient"].duplicated()]
     if len(repeated):
       raise DataError(
-          f"{_DEMO}: patient {repeated.iloc[0]!r} appears twice; expected one "
-          "row per patient"
+          f"{_DEMO}: patient {repeated.iloc[0]!r} appears twice; expected one row per patient"
       )
     cohort = cohort.merge(demo, on="patient", how="inner")
     cohort["race"] = normalise_race(cohort["PRIMARY_RACE"])
@@ -195,9 +190,7 @@ class Chexpert(downloaded.DownloadedImageBuilder, skip_registration=True):
     not_binary = ~np.isin(sex, ["Male", "Female"])
     if not_binary.any():
       row = cohort["row"].to_numpy()[np.flatnonzero(not_binary)[0]]
-      raise downloaded.bad_value(
-          line(row), "Sex", images["Sex"][row], "Male or Female"
-      )
+      raise downloaded.bad_value(line(row), "Sex", images["Sex"][row], "Male or Female")
     years = f"an age in years, 0 to {downloaded.MAX_AGE}"
     age = downloaded.to_numbers(cohort["Age"].set_axis(cohort["row"]), line, years)
     downloaded.check_ages(age, list(cohort["row"]), line, "Age")
@@ -217,15 +210,17 @@ class Chexpert(downloaded.DownloadedImageBuilder, skip_registration=True):
     if shared:
       logging.warning("chexpert: %d patients are in several splits", shared)
     self.info.metadata["patients_in_several_splits"] = shared
-    return pd.DataFrame({
-        "split": cohort["split"].to_numpy(),
-        "path": cohort["Path"].astype(str).to_numpy(),
-        "label": (~no_finding).astype(int),
-        "id": cohort["patient"].to_numpy(),
-        "sex": (sex == "Female").astype(int),
-        "age": (age >= 60).astype(int),
-        "race": (cohort["race"] != "White").astype(int).to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "split": cohort["split"].to_numpy(),
+            "path": cohort["Path"].astype(str).to_numpy(),
+            "label": (~no_finding).astype(int),
+            "id": cohort["patient"].to_numpy(),
+            "sex": (sex == "Female").astype(int),
+            "age": (age >= 60).astype(int),
+            "race": (cohort["race"] != "White").astype(int).to_numpy(),
+        }
+    )
 
 
 datasets.register(

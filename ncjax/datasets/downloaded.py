@@ -81,9 +81,7 @@ _MAX_LISTED = 10
 _NOT_8_BIT = ("I", "F")
 
 
-def decode_image(
-    path: str, shape: tuple[int, int, int], fit: str
-) -> tuple[np.ndarray, str]:
+def decode_image(path: str, shape: tuple[int, int, int], fit: str) -> tuple[np.ndarray, str]:
   """Decodes an image file into a uint8 H x W x C array of exactly `shape`.
 
   Args:
@@ -105,8 +103,7 @@ def decode_image(
     source_mode = image.mode
     if source_mode.startswith(_NOT_8_BIT):
       raise ValueError(
-          f"mode {source_mode} (16-bit or float pixels), expected 8-bit "
-          "grayscale or colour"
+          f"mode {source_mode} (16-bit or float pixels), expected 8-bit grayscale or colour"
       )
     # JPEG decoders can downscale by 1/2..1/8 while decoding: much faster, and
     # the result stays at least as large as requested.
@@ -236,8 +233,7 @@ def check_columns(
   for column in columns:
     if names.count(column) > 1:
       raise DataError(
-          f"{source}: column {column!r} appears {names.count(column)} times; "
-          "expected it once"
+          f"{source}: column {column!r} appears {names.count(column)} times; expected it once"
       )
 
 
@@ -260,9 +256,7 @@ def _long_line(path: epath.Path, width: int) -> str | None:
   return None
 
 
-def read_csv(
-    path: epath.Path, columns: Sequence[str], **kwargs: Any
-) -> pd.DataFrame:
+def read_csv(path: epath.Path, columns: Sequence[str], **kwargs: Any) -> pd.DataFrame:
   """A csv table that must have each of `columns` once (more are ignored).
 
   A line with values in more fields than the header has is an error: pandas
@@ -282,17 +276,12 @@ def read_csv(
   except pd.errors.ParserError as e:
     too_long = _long_line(path, len(header))
     if too_long is None:
-      raise DataError(
-          f"{path}: not a readable csv table ({one_line(e)}); {expected}"
-      ) from e
+      raise DataError(f"{path}: not a readable csv table ({one_line(e)}); {expected}") from e
   except (ValueError, OSError, UnicodeDecodeError, csv.Error) as e:
-    raise DataError(
-        f"{path}: not a readable csv table ({one_line(e)}); {expected}"
-    ) from e
+    raise DataError(f"{path}: not a readable csv table ({one_line(e)}); {expected}") from e
   if too_long is not None:
     raise DataError(
-        f"{path} {too_long}, expected at most {len(header)}, one per column of "
-        "the header line"
+        f"{path} {too_long}, expected at most {len(header)}, one per column of the header line"
     )
   check_columns(table, columns, path, names=header)
   return table
@@ -304,8 +293,7 @@ def read_excel(path: epath.Path, **kwargs: Any) -> pd.DataFrame:
     return pd.read_excel(path, engine="openpyxl", **kwargs)
   except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
     raise DataError(
-        f"{path}: not a readable xlsx table ({one_line(e)}); expected an Excel "
-        "workbook"
+        f"{path}: not a readable xlsx table ({one_line(e)}); expected an Excel workbook"
     ) from e
 
 
@@ -389,9 +377,7 @@ def image_config(height: int, width: int, channels: int) -> ImageConfig:
   )
 
 
-class DownloadedImageBuilder(
-    tfds.core.GeneratorBasedBuilder, skip_registration=True
-):
+class DownloadedImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A dataset read from its published files in MANUAL_DIR.
 
   Subclasses set the class attributes and implement `_read_cohort`.
@@ -533,8 +519,7 @@ class DownloadedImageBuilder(
     repeated = cohort["path"][cohort["path"].duplicated()]
     if len(repeated):  # TFDS keys examples by path
       raise DataError(
-          f"{self.name}: image {repeated.iloc[0]} is listed twice; expected "
-          "each image once"
+          f"{self.name}: image {repeated.iloc[0]} is listed twice; expected each image once"
       )
     if "problem" not in cohort:
       cohort["problem"] = None
@@ -557,9 +542,7 @@ class DownloadedImageBuilder(
       rows = cohort[cohort["split"] == split]
       if rows.empty:
         raise DataError(f"{self.name}: split {split!r} has no images")
-      generators[split] = self._generate_examples(
-          rows, manual_dir, unreadable, split
-      )
+      generators[split] = self._generate_examples(rows, manual_dir, unreadable, split)
     return generators
 
   def _generate_examples(
@@ -571,9 +554,7 @@ class DownloadedImageBuilder(
   ) -> Iterator[tuple[str, dict[str, Any]]]:
     skipped = rows["path"].isin(list(unreadable))
     for path in rows["path"][skipped]:
-      self._bad_images.append(
-          {"split": split, "path": path, "reason": unreadable[path]}
-      )
+      self._bad_images.append({"split": split, "path": path, "reason": unreadable[path]})
     rows = rows[~skipped]
     load = functools.partial(_try_load, shape=self.image_shape, fit=self.FIT)
     files = [os.fspath(manual_dir / p) for p in rows["path"]]
@@ -591,9 +572,7 @@ class DownloadedImageBuilder(
       for record, (image, error, mode) in zip(records, images, strict=True):
         progress.update()
         if error is not None:
-          self._bad_images.append(
-              {"split": split, "path": record["path"], "reason": error}
-          )
+          self._bad_images.append({"split": split, "path": record["path"], "reason": error})
           continue
         if mode != self._mode:
           self._converted[mode] += 1

@@ -67,12 +67,8 @@ def image_folders(manual_dir: epath.Path) -> list[epath.Path]:
 def split_lesions(lesion_ids: np.ndarray) -> dict[str, str]:
   """lesion id -> split, as SS: np.unique, then train_test_split twice."""
   unique = np.unique(np.asarray(lesion_ids, dtype=object))
-  train, rest = model_selection.train_test_split(
-      unique, test_size=0.2, random_state=0
-  )
-  validation, test = model_selection.train_test_split(
-      rest, test_size=0.5, random_state=0
-  )
+  train, rest = model_selection.train_test_split(unique, test_size=0.2, random_state=0)
+  validation, test = model_selection.train_test_split(rest, test_size=0.5, random_state=0)
   split_of = {}
   for split, ids in (("train", train), ("validation", validation), ("test", test)):
     split_of.update(dict.fromkeys(ids, split))
@@ -107,9 +103,7 @@ class Ham10000(downloaded.DownloadedImageBuilder, skip_registration=True):
     for column, example in examples.items():
       empty = meta[column].isna() | (meta[column].astype(str).str.strip() == "")
       if empty.any():
-        raise downloaded.bad_value(
-            line(empty.idxmax()), column, None, f"an id like {example}"
-        )
+        raise downloaded.bad_value(line(empty.idxmax()), column, None, f"an id like {example}")
     repeated = meta["image_id"].duplicated()
     if repeated.any():
       i = repeated.idxmax()
@@ -130,14 +124,10 @@ class Ham10000(downloaded.DownloadedImageBuilder, skip_registration=True):
       bad = ~meta[column].isin(list(valid))
       if bad.any():
         i = bad.idxmax()
-        raise downloaded.bad_value(
-            line(i), column, meta[column][i], f"one of {sorted(valid)}"
-        )
+        raise downloaded.bad_value(line(i), column, meta[column][i], f"one of {sorted(valid)}")
     dx = meta["dx"].to_numpy(dtype=object)
     sex = meta["sex"].to_numpy(dtype=object)
-    self.info.metadata["sex_unknown_counted_as_female"] = int(
-        np.sum(sex == "unknown")
-    )
+    self.info.metadata["sex_unknown_counted_as_female"] = int(np.sum(sex == "unknown"))
 
     folders = image_folders(manual_dir)
     found: dict[str, str] = {}
@@ -153,22 +143,22 @@ class Ham10000(downloaded.DownloadedImageBuilder, skip_registration=True):
           "HAM10000_images_part_1/ and HAM10000_images_part_2/"
       )
     self.info.metadata["images_in_several_folders"] = len(in_several)
-    searched = ", ".join(
-        f"{f.relative_to(manual_dir).as_posix() or '.'}/" for f in folders
-    )
+    searched = ", ".join(f"{f.relative_to(manual_dir).as_posix() or '.'}/" for f in folders)
 
     split_of = split_lesions(meta["lesion_id"].to_numpy(dtype=object))
     image_ids = meta["image_id"].astype(str)
-    return pd.DataFrame({
-        "split": [split_of[lesion] for lesion in meta["lesion_id"]],
-        "path": [found.get(i, f"{i}.jpg") for i in image_ids],
-        "problem": [None if i in found else f"not in {searched}" for i in image_ids],
-        "label": np.isin(dx, list(_MALIGNANT)).astype(int),
-        "id": meta["lesion_id"].astype(str).to_numpy(),
-        "sex": (sex != "male").astype(int),
-        # SS: age.astype(int), 0 for 0..60, 1 above.
-        "age": (age.astype(int) > 60).astype(int),
-    })
+    return pd.DataFrame(
+        {
+            "split": [split_of[lesion] for lesion in meta["lesion_id"]],
+            "path": [found.get(i, f"{i}.jpg") for i in image_ids],
+            "problem": [None if i in found else f"not in {searched}" for i in image_ids],
+            "label": np.isin(dx, list(_MALIGNANT)).astype(int),
+            "id": meta["lesion_id"].astype(str).to_numpy(),
+            "sex": (sex != "male").astype(int),
+            # SS: age.astype(int), 0 for 0..60, 1 above.
+            "age": (age.astype(int) > 60).astype(int),
+        }
+    )
 
 
 datasets.register(

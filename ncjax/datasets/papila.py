@@ -59,16 +59,13 @@ def read_clinical_table(path: epath.Path) -> pd.DataFrame:
   if table.empty:
     raise DataError(f"{path}: no rows after the 'ID' row")
   names = list(table.iloc[0, :])
-  downloaded.check_columns(
-      table, _COLUMNS, f"{path} (names row after 'ID')", names=names
-  )
+  downloaded.check_columns(table, _COLUMNS, f"{path} (names row after 'ID')", names=names)
   table.columns = names
   table = table[table.index.notna()]
   duplicated = table.index[table.index.duplicated()]
   if len(duplicated):
     raise DataError(
-        f"{path}: patient {duplicated[0]!r} appears twice; expected one row "
-        "per patient"
+        f"{path}: patient {duplicated[0]!r} appears twice; expected one row per patient"
     )
   return table
 
@@ -109,9 +106,7 @@ def _values(
   bad = np.flatnonzero(~np.isin(values, valid))  # NaN (empty) is never valid
   if len(bad):
     i = bad[0]
-    raise downloaded.bad_value(
-        where(table.index[i]), column, table[column].iloc[i], expected
-    )
+    raise downloaded.bad_value(where(table.index[i]), column, table[column].iloc[i], expected)
   return values
 
 
@@ -161,14 +156,16 @@ class Papila(downloaded.DownloadedImageBuilder, skip_registration=True):
         if diagnosis[i] == 2:  # glaucoma suspect
           continue
         plain_id = str(patient).replace("#", "")
-        rows.append({
-            "split": split_of[patient],
-            "path": f"FundusImages/RET{plain_id}{eye}.jpg",
-            "label": int(diagnosis[i]),
-            "id": plain_id,
-            "sex": int(gender[i]),
-            "age": int(age[i] >= 60),
-        })
+        rows.append(
+            {
+                "split": split_of[patient],
+                "path": f"FundusImages/RET{plain_id}{eye}.jpg",
+                "label": int(diagnosis[i]),
+                "id": plain_id,
+                "sex": int(gender[i]),
+                "age": int(age[i] >= 60),
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -70,14 +70,11 @@ class SyntheticParams:
 
   def validate(self) -> None:
     if not 0.0 < self.prevalence < 1.0:
-      raise ConfigError(
-          f"dataset.synthetic.prevalence must be in (0, 1), got {self.prevalence}"
-      )
+      raise ConfigError(f"dataset.synthetic.prevalence must be in (0, 1), got {self.prevalence}")
     for name, spec in self.attributes:
       if not 0.0 < spec.share < 1.0:
         raise ConfigError(
-            f"dataset.synthetic.attributes.{name}.share must be in (0, 1), "
-            f"got {spec.share}"
+            f"dataset.synthetic.attributes.{name}.share must be in (0, 1), got {spec.share}"
         )
       p0 = self.group0_prevalence(spec)
       if not (0.0 <= spec.prevalence <= 1.0 and 0.0 <= p0 <= 1.0):
@@ -112,9 +109,7 @@ class SyntheticParams:
         for name, spec in sorted(dict(cfg["attributes"]).items())
     )
     fields = {k: v for k, v in dict(cfg).items() if k != "attributes"}
-    fields = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()
-    }
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     return cls(attributes=attrs, **fields)
 
 
@@ -156,13 +151,8 @@ def generate(params: SyntheticParams, split: str) -> dict[str, np.ndarray]:
     theta = spec.orientation + rng.uniform(-0.35, 0.35, size=n)
     phase = rng.uniform(0, 2 * np.pi, size=n)
     amp = spec.strength * rng.uniform(0.5, 1.5, size=n)
-    proj = (
-        np.cos(theta)[:, None, None] * xx[None]
-        + np.sin(theta)[:, None, None] * yy[None]
-    )
-    grating = amp[:, None, None] * np.cos(
-        2 * np.pi * proj / spec.period + phase[:, None, None]
-    )
+    proj = np.cos(theta)[:, None, None] * xx[None] + np.sin(theta)[:, None, None] * yy[None]
+    grating = amp[:, None, None] * np.cos(2 * np.pi * proj / spec.period + phase[:, None, None])
     image += attrs[name][:, None, None] * grating
 
   gain = rng.uniform(0.8, 1.2, size=n)
