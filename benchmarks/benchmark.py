@@ -852,7 +852,11 @@ def section_profile(args) -> dict[str, Any]:
         f"  {model}: {result['wall_ms_per_step']:.1f} ms/step wall, "
         f"{result['thread_ms_per_step']:.1f} ms/step XLA thread time"
     )
-  print_table("profile (XLA:CPU thread time per step, ops with >= 1%)", rows, [
+  # Convolutions that XLA:CPU hands to Eigen (ncjax's default CPU flags) run
+  # in Eigen's thread pool and are not in the trace: the `convs` section
+  # times them.
+  print_table("profile (XLA:CPU thread time per step, ops with >= 1%; Eigen "
+              "convolutions are not traced)", rows, [
       ("model", "model", ""), ("phase", "phase", ""), ("kind", "kind", ""),
       ("thread_ms", "ms", ".1f"), ("share", "share", ".2f"),
   ])  # fmt: skip
