@@ -1278,28 +1278,22 @@ def main(argv=None) -> int:
   memory = {}
   t_start = time.perf_counter()
   order = [s for s in SECTIONS if s in args.sections]
+  # Later sections read earlier results (convs and input: train's rows).
+  sections = {
+      "machine": lambda: section_machine(args),
+      "train": lambda: section_train(args),
+      "breakdown": lambda: section_breakdown(args),
+      "convs": lambda: section_convs(args, results),
+      "profile": lambda: section_profile(args),
+      "nc": lambda: section_nc(args),
+      "input": lambda: section_input(args, results),
+      "torch": lambda: section_torch(args),
+      "xla_flags": lambda: section_xla_flags(args),
+      "compile": lambda: section_compile(args),
+  }
   for name in order:
     t0 = time.perf_counter()
-    if name == "machine":
-      results[name] = section_machine(args)
-    elif name == "train":
-      results[name] = section_train(args)
-    elif name == "breakdown":
-      results[name] = section_breakdown(args)
-    elif name == "convs":
-      results[name] = section_convs(args, results)
-    elif name == "profile":
-      results[name] = section_profile(args)
-    elif name == "nc":
-      results[name] = section_nc(args)
-    elif name == "input":
-      results[name] = section_input(args, results)
-    elif name == "torch":
-      results[name] = section_torch(args)
-    elif name == "xla_flags":
-      results[name] = section_xla_flags(args)
-    elif name == "compile":
-      results[name] = section_compile(args)
+    results[name] = sections[name]()
     memory[name] = {
         "maxrss_mb": round(_maxrss_mb(), 1),
         "seconds": round(time.perf_counter() - t0, 1),

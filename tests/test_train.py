@@ -142,22 +142,27 @@ def test_member_strategies_equal_training_each_member_alone(tiny_run, tiny_confi
   _assert_member_equal(shared, alone, "seed1_bias0.25", rtol=1e-6)
 
 
+def _tiny_main(config, workdir, *flags: str) -> list[str]:
+  """`python -m ncjax.main` for one run of the tiny config in `workdir`."""
+  return [
+      sys.executable,
+      "-m",
+      "ncjax.main",
+      "--config=configs/synthetic.py:tiny",
+      f"--config.dataset.data_dir={config.dataset.data_dir}",
+      f"--workdir={workdir}",
+      "--config.study.combos=()",
+      *flags,
+  ]
+
+
 def test_four_fake_devices_give_the_same_losses(tiny_run, tmp_path):
   """Also: config.xla_flags reaches XLA (it makes the four devices)."""
   config, workdir, _ = tiny_run
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = tmp_path / "four"
   proc = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "ncjax.main",
-          "--config=configs/synthetic.py:tiny",
-          f"--config.dataset.data_dir={config.dataset.data_dir}",
-          f"--workdir={out}",
-          "--config.study.combos=()",
-          "--config.xla_flags=--xla_force_host_platform_device_count=4",
-      ],
+      _tiny_main(config, out, "--config.xla_flags=--xla_force_host_platform_device_count=4"),
       cwd=ROOT,
       env=env,
       capture_output=True,
@@ -188,18 +193,13 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
   port = _free_port()
   procs = [
       subprocess.Popen(
-          [
-              sys.executable,
-              "-m",
-              "ncjax.main",
-              "--config=configs/synthetic.py:tiny",
-              f"--config.dataset.data_dir={config.dataset.data_dir}",
-              f"--workdir={out}",
-              "--config.study.combos=()",
+          _tiny_main(
+              config,
+              out,
               f"--coordinator_address=localhost:{port}",
               "--num_processes=2",
               f"--process_id={i}",
-          ],
+          ),
           cwd=ROOT,
           env=env,
           stdout=subprocess.PIPE,
